@@ -1,0 +1,1 @@
+//! Node identity: the MAC of the NIC holding the default route.

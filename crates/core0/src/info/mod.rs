@@ -1,0 +1,1 @@
+//! `info.*`: host facts read from `/proc` and `/sys`.
