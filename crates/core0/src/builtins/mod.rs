@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub mod core;
 pub mod host;
 
 /// What a handler's future yields: JSON data, or the error text.
@@ -28,6 +29,42 @@ pub struct Ctx {
     pub cpu: Arc<crate::procs::CpuMeter>,
     /// The job manager.
     pub jobs: Arc<crate::jobs::JobManager>,
+    /// Id of the job this handler runs as (`job.killall` spares it).
+    pub job_id: Arc<str>,
+    /// Reboot requests to the agent (`core.reboot`).
+    pub power: Arc<Power>,
+}
+
+/// What `core.reboot` may do, and where it sends a safe-reboot request.
+#[derive(Debug)]
+pub struct Power {
+    /// Whether a real host reboot is allowed (`--allow-host-reboot`).
+    pub allow_host_reboot: bool,
+    requests: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+}
+
+impl Power {
+    /// A power control that forwards safe-reboot requests (the id of the `core.reboot` job) to
+    /// `requests`.
+    pub fn new(
+        allow_host_reboot: bool,
+        requests: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Self {
+        Self { allow_host_reboot, requests: Some(requests) }
+    }
+
+    /// A power control with no agent behind it: safe-reboot requests fail.
+    pub fn detached() -> Self {
+        Self { allow_host_reboot: false, requests: None }
+    }
+
+    /// Asks the agent for a safe reboot once the job `job_id` has published its result.
+    pub fn request_safe_reboot(&self, job_id: &str) -> Result<(), String> {
+        match &self.requests {
+            Some(tx) => tx.send(job_id.to_string()).map_err(|_| "agent is shutting down".to_string()),
+            None => Err("reboot is not available in this process".to_string()),
+        }
+    }
 }
 
 /// The command table.
