@@ -623,3 +623,32 @@ impl Grid {
         format!("/nodes/{}", self.nodes[i].node_id)
     }
 }
+
+/// A child that is asked to stop (SIGTERM, up to 30 s) before it is killed, on drop — for
+/// supervisors such as `grid dev` that must clean up what they started.
+#[derive(Debug)]
+pub struct GracefulProc(pub Proc);
+
+impl GracefulProc {
+    /// SIGTERM, then wait up to `timeout` for the exit; SIGKILL after that.
+    pub fn stop(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.0.signal(libc::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.0.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.0.kill();
+        None
+    }
+}
+
+impl Drop for GracefulProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.child.try_wait() {
+            self.stop(Duration::from_secs(30));
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! `grid dev` and the `grid` CLI, as a user runs them.
 
-use grid_tests::{Proc, bin, free_port, test_dir, wait_ready_line};
+use grid_tests::{GracefulProc, Proc, bin, free_port, test_dir, wait_ready_line};
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -42,7 +42,7 @@ fn grid_dev_runs_a_grid_that_the_cli_drives_and_cleans_up_on_sigint() {
         .spawn()
         .expect("start grid dev");
     let stdout = child.stdout.take().expect("piped");
-    let mut dev = Proc { child, name: "grid dev".into() };
+    let mut dev = GracefulProc(Proc { child, name: "grid dev".into() });
 
     // `token: <token>` first, then `ready: http://...`.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -91,12 +91,12 @@ fn grid_dev_runs_a_grid_that_the_cli_drives_and_cleans_up_on_sigint() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
 
     // Everything grid dev started goes away with it.
-    let started = children_of(dev.pid());
+    let started = children_of(dev.0.pid());
     assert!(started.len() >= 3, "grid-api, 2 core0 (and their redis) run under grid dev: {started:?}");
-    dev.signal(libc::SIGINT);
+    dev.0.signal(libc::SIGINT);
     let start = Instant::now();
     let status = loop {
-        if let Some(s) = dev.child.try_wait().expect("wait") {
+        if let Some(s) = dev.0.child.try_wait().expect("wait") {
             break s;
         }
         assert!(start.elapsed() < Duration::from_secs(30), "grid dev exits on SIGINT");
@@ -126,7 +126,7 @@ fn grid_dev_with_a_data_dir_keeps_state_across_restarts() {
             .spawn()
             .expect("start grid dev");
         let stdout = child.stdout.take().expect("piped");
-        let proc = Proc { child, name: "grid dev".into() };
+        let proc = GracefulProc(Proc { child, name: "grid dev".into() });
         let ready = wait_ready_line(stdout, "ready: ", Duration::from_secs(90)).expect("ready");
         (proc, ready, port)
     };
@@ -140,8 +140,8 @@ fn grid_dev_with_a_data_dir_keeps_state_across_restarts() {
         serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
     };
     let before = nodes_of(port);
-    first.signal(libc::SIGTERM);
-    let _ = first.child.wait();
+    let status = first.stop(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "grid dev exits 0 on SIGTERM: {status:?}");
     assert!(data.join("api").exists(), "--data-dir is kept");
     let (_second, _, port2) = run();
     assert_eq!(nodes_of(port2)[0]["id"], before[0]["id"]);

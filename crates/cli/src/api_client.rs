@@ -172,7 +172,11 @@ async fn read_bytes(method: Method, path: &str, resp: Response) -> Result<Vec<u8
         .map(|b| b.to_vec())
         .map_err(|source| ApiError::Request {
             method,
-            url: if url.is_empty() { path.to_string() } else { url },
+            url: if url.is_empty() {
+                path.to_string()
+            } else {
+                url
+            },
             source,
         })
 }
@@ -203,7 +207,10 @@ mod tests {
             error_message(StatusCode::NOT_FOUND, r#"{"error":"node 12 not found"}"#),
             "node 12 not found"
         );
-        assert_eq!(error_message(StatusCode::BAD_GATEWAY, " upstream down\n"), "upstream down");
+        assert_eq!(
+            error_message(StatusCode::BAD_GATEWAY, " upstream down\n"),
+            "upstream down"
+        );
         assert_eq!(error_message(StatusCode::NOT_FOUND, ""), "not found");
         let e = ApiError::Status {
             status: 404,

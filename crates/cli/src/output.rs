@@ -3,8 +3,8 @@
 
 use comfy_table::{Table, TableStyle};
 use grid_proto::api::{
-    CoreStateResult, CpuInfo, DiskInfo, JobListItem, JobResult, MemInfo, NicInfo, Node,
-    NodeStatus, OsInfo, Process,
+    CoreStateResult, CpuInfo, DiskInfo, JobListItem, JobResult, MemInfo, NicInfo, Node, NodeStatus,
+    OsInfo, Process,
 };
 
 /// Bytes as a binary-unit size: `512 B`, `1.5 KiB`, `15.6 GiB`.
@@ -85,7 +85,13 @@ pub fn nodes(nodes: &[Node]) -> String {
         &["ID", "HOSTNAME", "STATUS"],
         nodes
             .iter()
-            .map(|n| vec![n.id.clone(), n.hostname.clone(), status_str(n.status).into()])
+            .map(|n| {
+                vec![
+                    n.id.clone(),
+                    n.hostname.clone(),
+                    status_str(n.status).into(),
+                ]
+            })
             .collect(),
     )
 }
@@ -103,7 +109,10 @@ pub fn node(n: &Node) -> String {
 pub fn mem(m: &MemInfo) -> String {
     key_values(&[
         ("total", human_size(m.total)),
-        ("used", format!("{} ({:.1}%)", human_size(m.used), m.used_percent)),
+        (
+            "used",
+            format!("{} ({:.1}%)", human_size(m.used), m.used_percent),
+        ),
         ("available", human_size(m.available)),
         ("free", human_size(m.free)),
         ("cached", human_size(m.cached)),
@@ -126,7 +135,11 @@ pub fn cpus(cpus: &[CpuInfo]) -> String {
                     c.family.clone(),
                     c.cores.to_string(),
                     format!("{:.0}", c.mhz),
-                    human_size(u64::try_from(c.cache_size).unwrap_or(0).saturating_mul(1024)),
+                    human_size(
+                        u64::try_from(c.cache_size)
+                            .unwrap_or(0)
+                            .saturating_mul(1024),
+                    ),
                     c.flags.len().to_string(),
                 ]
             })
@@ -174,7 +187,10 @@ pub fn nics(nics: &[NicInfo]) -> String {
 
 /// `grid node <id> info`.
 pub fn os_info(o: &OsInfo) -> String {
-    let virt = match (o.virtualization_system.as_str(), o.virtualization_role.as_str()) {
+    let virt = match (
+        o.virtualization_system.as_str(),
+        o.virtualization_role.as_str(),
+    ) {
         ("", "") => "-".to_string(),
         (s, "") => s.to_string(),
         ("", r) => r.to_string(),
@@ -185,11 +201,17 @@ pub fn os_info(o: &OsInfo) -> String {
         ("os", o.os.clone()),
         (
             "platform",
-            format!("{} {} ({})", o.platform, o.platform_version, o.platform_family),
+            format!(
+                "{} {} ({})",
+                o.platform, o.platform_version, o.platform_family
+            ),
         ),
         ("kernel", o.kernel_version.clone()),
         ("virtualization", virt),
-        ("boot time", utc_time_ms(i64::try_from(o.boot_time).unwrap_or(0) * 1000)),
+        (
+            "boot time",
+            utc_time_ms(i64::try_from(o.boot_time).unwrap_or(0) * 1000),
+        ),
         ("uptime", human_duration(o.uptime)),
         ("processes", o.procs.to_string()),
         ("instance", o.instance_id.clone()),
@@ -237,9 +259,16 @@ pub fn job(j: &JobResult) -> String {
         ("code", j.code.map_or_else(|| "-".into(), |c| c.to_string())),
         ("started", utc_time_ms(j.start_time)),
     ]);
-    for (title, text) in [("data", &j.data), ("stdout", &j.stdout), ("stderr", &j.stderr)] {
+    for (title, text) in [
+        ("data", &j.data),
+        ("stdout", &j.stdout),
+        ("stderr", &j.stderr),
+    ] {
         if !text.is_empty() {
-            out.push_str(&format!("\n--- {title} ---\n{}", text.trim_end_matches('\n')));
+            out.push_str(&format!(
+                "\n--- {title} ---\n{}",
+                text.trim_end_matches('\n')
+            ));
         }
     }
     out
@@ -323,7 +352,11 @@ mod tests {
     #[test]
     fn key_value_alignment() {
         assert_eq!(
-            key_values(&[("a", "1".into()), ("long", "2".into()), ("e", String::new())]),
+            key_values(&[
+                ("a", "1".into()),
+                ("long", "2".into()),
+                ("e", String::new())
+            ]),
             "a     1\nlong  2\ne"
         );
     }

@@ -4,9 +4,13 @@
 //! jobs, and pushes their results back (`result:<id>`, `result:<id>:flag`, `stream:<id>`).
 //! See `docs/ARCHITECTURE.md`.
 
+pub mod agent;
 pub mod builtins;
+pub mod config;
 pub mod fs;
 pub mod identity;
 pub mod info;
 pub mod jobs;
 pub mod procs;
+pub mod redis_server;
+pub mod transport;

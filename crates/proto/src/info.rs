@@ -202,6 +202,10 @@ pub struct CoreState {
     /// Grid extension on `core.state`: the agent's instance id.
     #[serde(default, rename = "instanceId", skip_serializing_if = "String::is_empty")]
     pub instance_id: String,
+    /// Grid extension on `core.state`: commands this agent instance has run (including this
+    /// one), so that a benchmark can prove every answer came from the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commands: Option<u64>,
 }
 
 /// `job.list`: a running job.

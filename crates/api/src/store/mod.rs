@@ -5,7 +5,7 @@
 //! revision and version, as in etcd, so callers can compare-and-swap, run multi-key transactions
 //! and watch a prefix from a revision (replayed from the history, then live). The embedded backend
 //! is [`redb::RedbStore`]; a distributed backend (etcd) implements the same [`StateStore`] trait
-//! and must pass the same [`conformance`] suite.
+//! and must pass the same conformance suite (`conformance.rs`, run by each backend's tests).
 
 pub mod redb;
 

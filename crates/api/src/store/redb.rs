@@ -321,7 +321,10 @@ impl Inner {
         }
         let h = r.open_table(HISTORY).map_err(|e| err(e.into()))?;
         let mut batches = Vec::new();
-        for item in h.range(after.saturating_add(1)..).map_err(|e| err(e.into()))? {
+        for item in h
+            .range(after.saturating_add(1)..)
+            .map_err(|e| err(e.into()))?
+        {
             let (k, v) = item.map_err(|e| err(e.into()))?;
             let rev = k.value();
             batches.push(Batch {
@@ -724,9 +727,7 @@ mod tests {
             let store = RedbStore::open(&f.path).expect("open");
             store.put("a", b"1".to_vec()).await.expect("put");
             store.put("b", b"2".to_vec()).await.expect("put");
-            store.delete("b", None).await.expect("delete")
-                .then_some(())
-                .expect("b existed");
+            assert!(store.delete("b", None).await.expect("delete"), "b existed");
             store.current_revision().await.expect("revision")
         };
         assert_eq!(rev, 3);

@@ -50,18 +50,26 @@ impl Power {
         allow_host_reboot: bool,
         requests: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Self {
-        Self { allow_host_reboot, requests: Some(requests) }
+        Self {
+            allow_host_reboot,
+            requests: Some(requests),
+        }
     }
 
     /// A power control with no agent behind it: safe-reboot requests fail.
     pub fn detached() -> Self {
-        Self { allow_host_reboot: false, requests: None }
+        Self {
+            allow_host_reboot: false,
+            requests: None,
+        }
     }
 
     /// Asks the agent for a safe reboot once the job `job_id` has published its result.
     pub fn request_safe_reboot(&self, job_id: &str) -> Result<(), String> {
         match &self.requests {
-            Some(tx) => tx.send(job_id.to_string()).map_err(|_| "agent is shutting down".to_string()),
+            Some(tx) => tx
+                .send(job_id.to_string())
+                .map_err(|_| "agent is shutting down".to_string()),
             None => Err("reboot is not available in this process".to_string()),
         }
     }
@@ -85,7 +93,8 @@ impl Registry {
         F: Fn(Ctx, Value) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Value, String>> + Send + 'static,
     {
-        self.map.insert(name, Arc::new(move |ctx, args| Box::pin(f(ctx, args))));
+        self.map
+            .insert(name, Arc::new(move |ctx, args| Box::pin(f(ctx, args))));
     }
 
     /// The handler of `name`.

@@ -30,15 +30,21 @@ const NETWORK_FS: &[&str] = &[
 ];
 
 /// `info.disk`: the mounted filesystems.
+#[allow(
+    clippy::useless_conversion,
+    reason = "statvfs counters are u32 on some 32-bit targets"
+)]
 pub fn disks() -> Result<Vec<DiskPartition>, InfoError> {
     let mut list = parse_mounts(&read(MOUNTS)?);
     for d in &mut list {
-        if !NETWORK_FS.contains(&d.fstype.as_str()) {
-            if let Ok(st) = nix::sys::statvfs::statvfs(d.mountpoint.as_str()) {
-                let frsize = st.fragment_size() as u64;
-                d.size = (st.blocks() as u64).saturating_mul(frsize);
-                d.free = (st.blocks_available() as u64).saturating_mul(frsize);
-            }
+        let local = !NETWORK_FS.contains(&d.fstype.as_str());
+        if let Some(st) = local
+            .then(|| nix::sys::statvfs::statvfs(d.mountpoint.as_str()).ok())
+            .flatten()
+        {
+            let frsize = u64::from(st.fragment_size());
+            d.size = u64::from(st.blocks()).saturating_mul(frsize);
+            d.free = u64::from(st.blocks_available()).saturating_mul(frsize);
         }
         if d.device.starts_with("/dev/") {
             d.kind = block_kind(Path::new(&d.device));

@@ -24,7 +24,7 @@ pub use nic::nics;
 pub use os::os;
 pub use port::ports;
 
-pub(crate) use os::{boot_time, parse_btime};
+pub(crate) use os::boot_time;
 
 /// Why a host fact could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -30,7 +30,9 @@ pub fn nics() -> Result<Vec<NicInfo>, InfoError> {
             let name = e.file_name().to_string_lossy().into_owned();
             let base = Path::new(SYS_NET).join(&name);
             let attr = |a: &str| read_trimmed(base.join(a));
-            let index = attr("ifindex").and_then(|s| s.parse().ok()).unwrap_or(u32::MAX);
+            let index = attr("ifindex")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(u32::MAX);
             let nic = NicInfo {
                 mtu: attr("mtu").and_then(|s| s.parse().ok()).unwrap_or(0),
                 hardwareaddr: attr("address").map(|a| mac_text(&a)).unwrap_or_default(),
@@ -58,11 +60,9 @@ fn addresses() -> Result<HashMap<String, Vec<NicAddr>>, InfoError> {
             .as_ref()
             .and_then(ip_of)
             .map_or(0, |m| prefix_len(&m));
-        map.entry(ifa.interface_name)
-            .or_default()
-            .push(NicAddr {
-                addr: format!("{ip}/{prefix}"),
-            });
+        map.entry(ifa.interface_name).or_default().push(NicAddr {
+            addr: format!("{ip}/{prefix}"),
+        });
     }
     Ok(map)
 }
@@ -104,7 +104,11 @@ fn flag_names(text: &str) -> Vec<String> {
 
 /// Mb/s; unknown (`-1`, unreadable, garbage) is 0.
 fn parse_speed(text: &str) -> i64 {
-    text.trim().parse::<i64>().ok().filter(|s| *s > 0).unwrap_or(0)
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|s| *s > 0)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -129,7 +133,12 @@ mod tests {
     #[test]
     fn prefix_and_mac() {
         assert_eq!(prefix_len(&IpAddr::V4(Ipv4Addr::new(255, 0, 0, 0))), 8);
-        assert_eq!(prefix_len(&IpAddr::V6(Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0xffff, 0, 0, 0, 0))), 64);
+        assert_eq!(
+            prefix_len(&IpAddr::V6(Ipv6Addr::new(
+                0xffff, 0xffff, 0xffff, 0xffff, 0, 0, 0, 0
+            ))),
+            64
+        );
         assert_eq!(mac_text("00:00:00:00:00:00"), "");
         assert_eq!(mac_text("52:54:00:AB:cd:ef"), "52:54:00:ab:cd:ef");
     }

@@ -1,0 +1,134 @@
+//! Named FIFO queues: jobs of one queue run one at a time, in arrival order.
+//!
+//! A job takes its place in line when it is submitted (synchronously, so arrival order is
+//! kept), then waits for its [`Turn`]. The turn passes on when the [`TurnGuard`] is dropped; a job
+//! killed while waiting drops its receiver and is skipped. An empty queue is removed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::oneshot;
+
+#[derive(Default)]
+struct Line {
+    waiting: VecDeque<oneshot::Sender<()>>,
+}
+
+/// Every named queue.
+#[derive(Default)]
+pub struct Queues {
+    lines: Arc<Mutex<HashMap<String, Line>>>,
+}
+
+/// A place in a queue.
+pub enum Turn {
+    /// The queue was idle: the job may run now.
+    Now(TurnGuard),
+    /// The job runs when `rx` fires.
+    Later(oneshot::Receiver<()>, TurnGuard),
+}
+
+/// Holds a queue's turn; dropping it lets the next waiting job run.
+pub struct TurnGuard {
+    lines: Arc<Mutex<HashMap<String, Line>>>,
+    name: String,
+    holds: bool,
+}
+
+fn lock(m: &Mutex<HashMap<String, Line>>) -> MutexGuard<'_, HashMap<String, Line>> {
+    // The map stays consistent even if a holder panicked: every critical section is a single
+    // insert/remove/pop.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Queues {
+    /// Enters queue `name`.
+    pub fn enter(&self, name: &str) -> Turn {
+        let mut lines = lock(&self.lines);
+        match lines.get_mut(name) {
+            Some(line) => {
+                let (tx, rx) = oneshot::channel();
+                line.waiting.push_back(tx);
+                Turn::Later(
+                    rx,
+                    TurnGuard {
+                        lines: self.lines.clone(),
+                        name: name.to_string(),
+                        holds: false,
+                    },
+                )
+            }
+            None => {
+                lines.insert(name.to_string(), Line::default());
+                Turn::Now(TurnGuard {
+                    lines: self.lines.clone(),
+                    name: name.to_string(),
+                    holds: true,
+                })
+            }
+        }
+    }
+
+    /// Number of queues that exist (a queue exists while a job of it runs or waits).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        lock(&self.lines).len()
+    }
+
+    /// Whether no queue exists.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl TurnGuard {
+    /// Marks that this guard now holds the turn (the job's `Later` receiver fired).
+    pub fn acquired(&mut self) {
+        self.holds = true;
+    }
+}
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        if !self.holds {
+            // A waiter that never got its turn: its dropped receiver makes the holder skip it.
+            return;
+        }
+        let mut lines = lock(&self.lines);
+        let Some(line) = lines.get_mut(&self.name) else {
+            return;
+        };
+        while let Some(next) = line.waiting.pop_front() {
+            if next.send(()).is_ok() {
+                return;
+            }
+        }
+        lines.remove(&self.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fifo_skips_dropped_waiters_and_removes_empty_queue() {
+        let q = Queues::default();
+        let Turn::Now(first) = q.enter("a") else {
+            panic!("idle queue must run at once")
+        };
+        let Turn::Later(rx2, g2) = q.enter("a") else {
+            panic!("busy queue must wait")
+        };
+        let Turn::Later(rx3, mut g3) = q.enter("a") else {
+            panic!("busy queue must wait")
+        };
+        drop((rx2, g2));
+        drop(first);
+        rx3.await.expect("third gets the turn");
+        g3.acquired();
+        assert_eq!(q.len(), 1);
+        drop(g3);
+        assert!(q.is_empty());
+    }
+}
