@@ -89,12 +89,6 @@ impl ApiError {
     }
 }
 
-impl From<ClientError> for ApiError {
-    fn from(err: ClientError) -> Self {
-        ApiError::from_client("?", err)
-    }
-}
-
 impl From<crate::store::StoreError> for ApiError {
     fn from(err: crate::store::StoreError) -> Self {
         ApiError::Internal(format!("state store: {err}"))

@@ -113,7 +113,12 @@ struct Played {
 }
 
 /// Runs the `slow` process: one line, then the rest when the test says so.
-async fn slow_job(mut conn: redis::aio::MultiplexedConnection, played: Arc<Played>, cmd: Command) {
+async fn slow_job(client: redis::Client, played: Arc<Played>, cmd: Command) {
+    // Its own connection: the node's loop blocks its connection in BLPOP.
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
     let id = cmd.id.clone();
     let _: () = conn
         .rpush(stream_key(&id), record(&id, level::STDOUT, 0, "hello"))
@@ -126,11 +131,7 @@ async fn slow_job(mut conn: redis::aio::MultiplexedConnection, played: Arc<Playe
     ] {
         let _: () = conn.rpush(stream_key(&id), rec).await.expect("stream");
     }
-    played
-        .running
-        .lock()
-        .expect("lock")
-        .retain(|c| c.id != id);
+    played.running.lock().expect("lock").retain(|c| c.id != id);
     let r = CommandResult {
         streams: Some(["hello\n".into(), "oops\n".into()]),
         code: Some(3),
@@ -142,7 +143,12 @@ async fn slow_job(mut conn: redis::aio::MultiplexedConnection, played: Arc<Playe
 }
 
 /// Plays the node: answers every command on `core:default` until the connection closes.
-async fn play_node(mut conn: redis::aio::MultiplexedConnection, played: Arc<Played>) {
+async fn play_node(client: redis::Client, played: Arc<Played>) {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect");
     loop {
         let got: Option<(String, String)> = match conn.blpop(QUEUE_DEFAULT, 0.0).await {
             Ok(v) => v,
@@ -164,7 +170,10 @@ async fn play_node(mut conn: redis::aio::MultiplexedConnection, played: Arc<Play
             ),
             "job.list" if cmd.arguments.get("id").is_some() => {
                 let running = played.running.lock().expect("lock").clone();
-                match running.into_iter().find(|c| Some(&json!(c.id)) == cmd.arguments.get("id")) {
+                match running
+                    .into_iter()
+                    .find(|c| Some(&json!(c.id)) == cmd.arguments.get("id"))
+                {
                     Some(c) => result(
                         &cmd,
                         State::Success,
@@ -175,10 +184,12 @@ async fn play_node(mut conn: redis::aio::MultiplexedConnection, played: Arc<Play
                 }
             }
             "job.list" => result(&cmd, State::Success, json!([])),
+            "job.kill" => result(&cmd, State::Success, json!(false)),
+            "job.killall" => result(&cmd, State::Success, json!(true)),
             "process.list" => result(&cmd, State::Error, json!("process not found")),
             "core.system" if cmd.arguments["name"] == "slow" => {
                 played.running.lock().expect("lock").push(cmd.clone());
-                tokio::spawn(slow_job(conn.clone(), played.clone(), cmd));
+                tokio::spawn(slow_job(client.clone(), played.clone(), cmd));
                 continue;
             }
             "core.system" => {
@@ -223,7 +234,8 @@ impl Drop for Harness {
 async fn harness() -> Harness {
     let redis = RedisServer::start();
     let played = Arc::new(Played::default());
-    let node = tokio::spawn(play_node(redis.conn().await, played.clone()));
+    let client = redis::Client::open(format!("redis://{}/", redis.addr)).expect("url");
+    let node = tokio::spawn(play_node(client, played.clone()));
     let dir = tempfile::tempdir().expect("tempdir");
     let store: Arc<dyn StateStore> =
         Arc::new(RedbStore::open(&dir.path().join("state.redb")).expect("open store"));
@@ -234,8 +246,7 @@ async fn harness() -> Harness {
         token: TOKEN.into(),
         scope: Scope::Admin,
     }];
-    let state =
-        server::state(&config, store, Arc::new(NodesController::new())).expect("app state");
+    let state = server::state(&config, store, Arc::new(NodesController::new())).expect("app state");
     let h = Harness {
         app: server::app(state),
         played,
@@ -247,8 +258,10 @@ async fn harness() -> Harness {
         .send(
             Method::POST,
             "/nodes/join",
-            Some(json!({"id": "n1", "hostname": "h1", "redisAddr": h.redis.addr,
-                        "joinToken": JOIN})),
+            Some(
+                json!({"id": "n1", "hostname": "h1", "redisAddr": h.redis.addr,
+                        "joinToken": JOIN}),
+            ),
         )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
@@ -283,12 +296,19 @@ impl Harness {
             .await
             .expect("body in time")
             .expect("body");
-        (status, headers, String::from_utf8_lossy(&bytes).into_owned())
+        (
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     }
 
     async fn json(&self, method: Method, uri: &str) -> (StatusCode, Value) {
         let (status, _, text) = self.send(method, uri, None).await;
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 }
 
@@ -315,18 +335,28 @@ fn sse_events(text: &str) -> Vec<(String, String)> {
 #[tokio::test]
 async fn direct_calls_answer_from_the_node() {
     let h = harness().await;
-    assert_eq!(h.json(Method::POST, "/nodes/n1/ping").await, (StatusCode::OK, json!(true)));
+    assert_eq!(
+        h.json(Method::POST, "/nodes/n1/ping").await,
+        (StatusCode::OK, json!(true))
+    );
     let (status, mem) = h.json(Method::GET, "/nodes/n1/mem").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(mem.as_object().expect("object").len(), 10);
     assert_eq!(mem["total"], 1 << 30);
-    assert_eq!(h.json(Method::GET, "/nodes/n1/jobs").await, (StatusCode::OK, json!([])));
+    assert_eq!(
+        h.json(Method::GET, "/nodes/n1/jobs").await,
+        (StatusCode::OK, json!([]))
+    );
     let (status, body) = h.json(Method::GET, "/nodes/n1/processes/999999").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(body["error"], "process 999999 not found on node n1");
     let (status, body) = h.json(Method::GET, "/nodes/n1/jobs/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"], "job nope not found on node n1");
+    let (status, body) = h.json(Method::DELETE, "/nodes/n1/jobs/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = h.json(Method::DELETE, "/nodes/n1/jobs").await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     let (status, body) = h.json(Method::GET, "/nodes/n1/jobs/nope/stream").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     // A built-in the node does not know is not a client error.
@@ -365,7 +395,10 @@ async fn started_process_streams_and_is_kept_after_the_node_forgets_it() {
     let expected = vec![
         ("stdout".to_string(), "hello".to_string()),
         ("stderr".to_string(), "oops".to_string()),
-        ("exit".to_string(), r#"{"state":"success","code":0}"#.to_string()),
+        (
+            "exit".to_string(),
+            r#"{"state":"success","code":0}"#.to_string(),
+        ),
     ];
     assert_eq!(sse_events(&text), expected);
 
@@ -395,7 +428,11 @@ async fn started_process_streams_and_is_kept_after_the_node_forgets_it() {
 async fn one_reader_fans_out_to_late_subscribers() {
     let h = Arc::new(harness().await);
     let (status, _, text) = h
-        .send(Method::POST, "/nodes/n1/processes", Some(json!({"name": "slow"})))
+        .send(
+            Method::POST,
+            "/nodes/n1/processes",
+            Some(json!({"name": "slow"})),
+        )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{text}");
     let id = serde_json::from_str::<Value>(&text).expect("json")["id"]
@@ -421,7 +458,10 @@ async fn one_reader_fans_out_to_late_subscribers() {
         if len == 0 && !exists {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "stream never consumed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream never consumed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let second = {
@@ -430,12 +470,18 @@ async fn one_reader_fans_out_to_late_subscribers() {
     };
     // Let the second request subscribe before the job ends; then finish it.
     let (status, job) = h.json(Method::GET, &format!("/nodes/n1/jobs/{id}")).await;
-    assert_eq!((status, job["state"].as_str()), (StatusCode::OK, Some("running")));
+    assert_eq!(
+        (status, job["state"].as_str()),
+        (StatusCode::OK, Some("running"))
+    );
     h.played.finish.notify_one();
     let expected = vec![
         ("stdout".to_string(), "hello".to_string()),
         ("stderr".to_string(), "oops".to_string()),
-        ("exit".to_string(), r#"{"state":"error","code":3}"#.to_string()),
+        (
+            "exit".to_string(),
+            r#"{"state":"error","code":3}"#.to_string(),
+        ),
     ];
     for task in [first, second] {
         let (status, _, text) = task.await.expect("request task");

@@ -20,6 +20,7 @@ const ADMIN: &str = "admin-secret";
 const READ: &str = "read-secret";
 const HS_SECRET: &str = "hs-secret-for-tests";
 const JOIN: &str = "join-secret";
+const JOIN2: &str = "other-join-secret";
 const ES384_PRIVATE: &str = include_str!("fixtures/es384-private.pem");
 const ES384_PUBLIC: &str = include_str!("fixtures/es384-public.pem");
 
@@ -33,7 +34,7 @@ fn harness() -> Harness {
     let store: Arc<dyn StateStore> =
         Arc::new(RedbStore::open(&dir.path().join("state.redb")).expect("open store"));
     let mut config = Config::new(dir.path());
-    config.join_tokens = vec![JOIN.to_string()];
+    config.join_tokens = vec![JOIN.to_string(), JOIN2.to_string()];
     config.tokens = vec![
         TokenConfig {
             name: "admin".into(),
@@ -335,6 +336,29 @@ async fn join_checks_its_token() {
         )
         .await;
     assert_error(&a, StatusCode::BAD_REQUEST, "extra");
+    let a = h.join("n1", "127.0.0.1:1").await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT, "{}", a.body);
+    // The same node joining again with its token is fine; another token may not take the id.
+    assert_eq!(
+        h.join("n1", "127.0.0.1:2").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let a = h
+        .post_json(
+            "/nodes/join",
+            None,
+            json!({"id": "n1", "hostname": "h", "redisAddr": "127.0.0.1:3", "joinToken": JOIN2}),
+        )
+        .await;
+    assert_error(&a, StatusCode::CONFLICT, "another join token");
+    let a = h
+        .post_json(
+            "/nodes/join",
+            None,
+            json!({"id": "bad/id", "hostname": "h", "redisAddr": "127.0.0.1:3", "joinToken": JOIN}),
+        )
+        .await;
+    assert_error(&a, StatusCode::BAD_REQUEST, "node id");
 }
 
 #[tokio::test]

@@ -6,11 +6,13 @@
 
 pub mod agent;
 pub mod builtins;
+pub mod containers;
 pub mod config;
 pub mod fs;
 pub mod identity;
 pub mod info;
 pub mod jobs;
+pub mod net;
 pub mod procs;
 pub mod redis_server;
 pub mod transport;

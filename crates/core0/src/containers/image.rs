@@ -1,0 +1,1 @@
+//! Container images: download, digest-keyed read-only cache, safe unpacking.

@@ -1,0 +1,4 @@
+//! Containers: images ("flists"), the container runtime and corex, the in-container agent.
+
+pub mod image;
+pub mod runtime;

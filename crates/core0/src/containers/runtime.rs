@@ -1,0 +1,1 @@
+//! The container runtime: overlay root, namespaces, cgroups, corex as PID 1.

@@ -1,0 +1,1 @@
+//! Node networking: the NAT bridge, veth pairs, nftables table and port forwards.
