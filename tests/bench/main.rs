@@ -10,7 +10,9 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -22,22 +24,35 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) != Some("rtt") {
-        bail!("usage: grid-bench rtt --redis HOST:PORT [--password PW] [--runs N] [--command core.system|core.ping]");
+        bail!(
+            "usage: grid-bench rtt --redis HOST:PORT [--password PW] [--runs N] [--command core.system|core.ping]"
+        );
     }
     let addr = arg(&args, "--redis").context("--redis HOST:PORT")?;
     let password = arg(&args, "--password");
-    let runs: usize = arg(&args, "--runs").map(|r| r.parse()).transpose()?.unwrap_or(2000);
+    let runs: usize = arg(&args, "--runs")
+        .map(|r| r.parse())
+        .transpose()?
+        .unwrap_or(2000);
     let command = arg(&args, "--command").unwrap_or_else(|| "core.system".into());
-    let arguments = if command == "core.system" { json!({"name": "true"}) } else { json!({}) };
+    let arguments = if command == "core.system" {
+        json!({"name": "true"})
+    } else {
+        json!({})
+    };
     let client = NodeClient::connect(&addr, password.as_deref()).await?;
     // Warm up connections and the node.
     for _ in 0..50 {
-        client.call(&command, arguments.clone(), Duration::from_secs(10)).await?;
+        client
+            .call(&command, arguments.clone(), Duration::from_secs(10))
+            .await?;
     }
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();
-        let r = client.call(&command, arguments.clone(), Duration::from_secs(10)).await?;
+        let r = client
+            .call(&command, arguments.clone(), Duration::from_secs(10))
+            .await?;
         times.push(t.elapsed());
         if r.state != grid_proto::State::Success {
             bail!("{command} answered {:?}: {}", r.state, r.data);

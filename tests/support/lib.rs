@@ -47,7 +47,10 @@ pub fn clean_leftovers() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        let Some(pid) = name.strip_prefix("run-").and_then(|p| p.parse::<i32>().ok()) else {
+        let Some(pid) = name
+            .strip_prefix("run-")
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
             continue;
         };
         if pid_alive(pid) {
@@ -140,7 +143,9 @@ pub fn bin(name: &str) -> PathBuf {
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("a bound socket has an address").port()
+    l.local_addr()
+        .expect("a bound socket has an address")
+        .port()
 }
 
 /// Polls `check` every 10 ms until it is true or `timeout` passes (for readiness signals that
@@ -210,7 +215,14 @@ impl Redis {
         let password = format!("pw{}", uuid::Uuid::new_v4().simple());
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--requirepass", &password, "--save", "", "--appendonly", "no"])
+            .args([
+                "--requirepass",
+                &password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(dir)
             .arg("--pidfile")
@@ -290,7 +302,10 @@ impl Core0 {
             .node_id
             .get_or_insert_with(|| format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..11]))
             .clone();
-        let data_dir = opts.data_dir.get_or_insert_with(|| test_dir("node")).clone();
+        let data_dir = opts
+            .data_dir
+            .get_or_insert_with(|| test_dir("node"))
+            .clone();
         let port = *opts.redis_port.get_or_insert_with(free_port);
         let mut cmd = Command::new(bin("core0"));
         cmd.arg("run")
@@ -597,7 +612,8 @@ impl Grid {
         }
         let grid = Self { api, nodes };
         for n in &grid.nodes {
-            grid.wait_status(&n.node_id, "running", Duration::from_secs(20)).await?;
+            grid.wait_status(&n.node_id, "running", Duration::from_secs(20))
+                .await?;
         }
         Ok(grid)
     }
@@ -612,7 +628,11 @@ impl Grid {
                 return Ok(());
             }
             if start.elapsed() > timeout {
-                bail!("node {id} not {status} within {timeout:?}: last answer {} {}", r.status, r.text);
+                bail!(
+                    "node {id} not {status} within {timeout:?}: last answer {} {}",
+                    r.status,
+                    r.text
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -7,7 +7,9 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 fn push(conn: &mut redis::Connection, cmd: Value) {
-    let _: i64 = conn.rpush("core:default", cmd.to_string()).expect("RPUSH core:default");
+    let _: i64 = conn
+        .rpush("core:default", cmd.to_string())
+        .expect("RPUSH core:default");
 }
 
 fn wait_result(conn: &mut redis::Connection, id: &str, secs: f64) -> Option<Value> {
@@ -22,7 +24,9 @@ fn wait_result(conn: &mut redis::Connection, id: &str, secs: f64) -> Option<Valu
 }
 
 fn node_conn(node: &Core0) -> redis::Connection {
-    let pw = node.redis_password().expect("core0 wrote its redis password");
+    let pw = node
+        .redis_password()
+        .expect("core0 wrote its redis password");
     redis::Client::open(format!("redis://:{pw}@{}/", node.redis_addr))
         .and_then(|c| c.get_connection())
         .expect("core0's redis answers")
@@ -33,37 +37,67 @@ fn a_raw_redis_client_drives_core0_by_the_wire_protocol_alone() {
     let node = Core0::start(Core0Opts::default()).expect("core0");
     let mut conn = node_conn(&node);
 
-    push(&mut conn, json!({"id": "p1", "command": "core.ping", "arguments": {}, "queue": null, "max_time": null, "stream": false, "tags": null}));
+    push(
+        &mut conn,
+        json!({"id": "p1", "command": "core.ping", "arguments": {}, "queue": null, "max_time": null, "stream": false, "tags": null}),
+    );
     let r = wait_result(&mut conn, "p1", 10.0).expect("ping result");
     assert_eq!(r["state"], "SUCCESS");
     assert_eq!(r["level"], 20);
-    let pong: String = serde_json::from_str(r["data"].as_str().expect("data")).expect("JSON string");
+    let pong: String =
+        serde_json::from_str(r["data"].as_str().expect("data")).expect("JSON string");
     assert!(pong.starts_with("PONG "), "{pong}");
     let flag_ttl: i64 = conn.ttl("result:p1:flag").expect("TTL");
     let result_ttl: i64 = conn.ttl("result:p1").expect("TTL");
-    assert!(flag_ttl > 290 && result_ttl > 290, "TTLs {flag_ttl} {result_ttl}");
+    assert!(
+        flag_ttl > 290 && result_ttl > 290,
+        "TTLs {flag_ttl} {result_ttl}"
+    );
 
-    push(&mut conn, json!({"id": "u1", "command": "no.such.command", "arguments": {}}));
+    push(
+        &mut conn,
+        json!({"id": "u1", "command": "no.such.command", "arguments": {}}),
+    );
     let r = wait_result(&mut conn, "u1", 10.0).expect("unknown result");
     assert_eq!(r["state"], "UNKNOWN_CMD");
     assert_eq!(r["starttime"], 0);
 
-    push(&mut conn, json!({"id": "s1", "command": "core.system", "arguments": {"name": "sh", "args": ["-c", "echo a; echo b >&2; exit 5"]}}));
+    push(
+        &mut conn,
+        json!({"id": "s1", "command": "core.system", "arguments": {"name": "sh", "args": ["-c", "echo a; echo b >&2; exit 5"]}}),
+    );
     let r = wait_result(&mut conn, "s1", 10.0).expect("system result");
     assert_eq!(r["state"], "ERROR");
     assert_eq!(r["code"], 5);
     assert_eq!(r["streams"], json!(["a\n", "b\n"]));
 
-    push(&mut conn, json!({"id": "b1", "command": "bash", "arguments": {"script": "echo '20::{\"x\": 1}'"}}));
+    push(
+        &mut conn,
+        json!({"id": "b1", "command": "bash", "arguments": {"script": "echo '20::{\"x\": 1}'"}}),
+    );
     let r = wait_result(&mut conn, "b1", 10.0).expect("bash result");
     assert_eq!(r["state"], "SUCCESS");
     assert_eq!(r["level"], 20);
-    assert_eq!(serde_json::from_str::<Value>(r["data"].as_str().unwrap_or("")).ok(), Some(json!({"x": 1})));
+    assert_eq!(
+        serde_json::from_str::<Value>(r["data"].as_str().unwrap_or("")).ok(),
+        Some(json!({"x": 1}))
+    );
 
     // Duplicate id while the first is running.
-    push(&mut conn, json!({"id": "d1", "command": "core.system", "arguments": {"name": "sleep", "args": ["1"]}}));
-    let _: Option<String> = redis::cmd("BRPOPLPUSH").arg("result:d1:flag").arg("result:d1:flag").arg(5).query(&mut conn).expect("flag");
-    push(&mut conn, json!({"id": "d1", "command": "core.ping", "arguments": {}}));
+    push(
+        &mut conn,
+        json!({"id": "d1", "command": "core.system", "arguments": {"name": "sleep", "args": ["1"]}}),
+    );
+    let _: Option<String> = redis::cmd("BRPOPLPUSH")
+        .arg("result:d1:flag")
+        .arg("result:d1:flag")
+        .arg(5)
+        .query(&mut conn)
+        .expect("flag");
+    push(
+        &mut conn,
+        json!({"id": "d1", "command": "core.ping", "arguments": {}}),
+    );
     let dup = wait_result(&mut conn, "d1", 5.0).expect("duplicate result");
     assert_eq!(dup["state"], "DUPILICATE_ID");
     let ttl: i64 = conn.ttl("result:d1:flag").expect("TTL");
@@ -74,24 +108,38 @@ fn a_raw_redis_client_drives_core0_by_the_wire_protocol_alone() {
         if all.len() == 1 && all[0].contains("\"SUCCESS\"") {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "real result replaces the duplicate: {all:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "real result replaces the duplicate: {all:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     // max_time on the wire.
-    push(&mut conn, json!({"id": "t1", "command": "core.system", "max_time": 1, "arguments": {"name": "sleep", "args": ["30"]}}));
+    push(
+        &mut conn,
+        json!({"id": "t1", "command": "core.system", "max_time": 1, "arguments": {"name": "sleep", "args": ["30"]}}),
+    );
     let r = wait_result(&mut conn, "t1", 10.0).expect("timeout result");
     assert_eq!(r["state"], "TIMEOUT");
 
     // Queued jobs run one at a time, in order.
     for i in 0..3 {
-        push(&mut conn, json!({"id": format!("q{i}"), "command": "core.system", "queue": "grid-test-q",
-            "arguments": {"name": "sleep", "args": ["0.3"]}}));
+        push(
+            &mut conn,
+            json!({"id": format!("q{i}"), "command": "core.system", "queue": "grid-test-q",
+            "arguments": {"name": "sleep", "args": ["0.3"]}}),
+        );
     }
-    let rs: Vec<Value> = (0..3).map(|i| wait_result(&mut conn, &format!("q{i}"), 10.0).expect("queued")).collect();
+    let rs: Vec<Value> = (0..3)
+        .map(|i| wait_result(&mut conn, &format!("q{i}"), 10.0).expect("queued"))
+        .collect();
     for w in rs.windows(2) {
         let end_prev = w[0]["starttime"].as_i64().unwrap_or(0) + w[0]["time"].as_i64().unwrap_or(0);
-        assert!(w[1]["starttime"].as_i64().unwrap_or(0) >= end_prev - 5, "serial: {w:?}");
+        assert!(
+            w[1]["starttime"].as_i64().unwrap_or(0) >= end_prev - 5,
+            "serial: {w:?}"
+        );
     }
 }
 
@@ -100,18 +148,31 @@ fn a_command_whose_caller_gave_up_never_runs_later() {
     let dir = test_dir("gaveup");
     let redis = Redis::start(&dir).expect("redis");
     let marker = dir.join("ran");
-    let node_opts = Core0Opts { redis_url: Some(redis.url()), ..Core0Opts::default() };
+    let node_opts = Core0Opts {
+        redis_url: Some(redis.url()),
+        ..Core0Opts::default()
+    };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = rt
-        .block_on(grid_client::NodeClient::connect(&redis.addr, Some(&redis.password)))
+        .block_on(grid_client::NodeClient::connect(
+            &redis.addr,
+            Some(&redis.password),
+        ))
         .expect("client");
     let script = format!("touch {}", marker.display());
 
     // 1. No agent at all: the command is withdrawn from the queue.
     let err = rt
-        .block_on(client.call("bash", json!({"script": script}), Duration::from_millis(300)))
+        .block_on(client.call(
+            "bash",
+            json!({"script": script}),
+            Duration::from_millis(300),
+        ))
         .expect_err("nobody consumes");
-    assert!(matches!(err, grid_client::ClientError::NotPickedUp { .. }), "{err}");
+    assert!(
+        matches!(err, grid_client::ClientError::NotPickedUp { .. }),
+        "{err}"
+    );
     let mut conn = redis.conn();
     let queued: i64 = conn.llen("core:default").expect("LLEN");
     assert_eq!(queued, 0, "withdrawn");
@@ -120,10 +181,17 @@ fn a_command_whose_caller_gave_up_never_runs_later() {
     let mut node = Core0::start(node_opts.clone()).expect("core0");
     node.proc.signal(libc::SIGSTOP);
     let err = rt
-        .block_on(client.call("bash", json!({"script": script}), Duration::from_millis(300)))
+        .block_on(client.call(
+            "bash",
+            json!({"script": script}),
+            Duration::from_millis(300),
+        ))
         .expect_err("frozen agent");
     assert!(
-        matches!(err, grid_client::ClientError::NotPickedUp { .. } | grid_client::ClientError::Timeout { .. }),
+        matches!(
+            err,
+            grid_client::ClientError::NotPickedUp { .. } | grid_client::ClientError::Timeout { .. }
+        ),
         "{err}"
     );
     node.proc.signal(libc::SIGCONT);
@@ -133,7 +201,11 @@ fn a_command_whose_caller_gave_up_never_runs_later() {
         .expect("agent answers again");
     assert_eq!(r.state, grid_proto::State::Success);
     let r = rt
-        .block_on(client.call("bash", json!({"script": "sleep 0.2"}), Duration::from_secs(10)))
+        .block_on(client.call(
+            "bash",
+            json!({"script": "sleep 0.2"}),
+            Duration::from_secs(10),
+        ))
         .expect("a later job runs");
     assert_eq!(r.state, grid_proto::State::Success);
     assert!(!marker.exists(), "a command whose caller gave up ran late");
@@ -145,7 +217,10 @@ fn a_command_whose_caller_gave_up_never_runs_later() {
 fn core0_sigkill_and_restart_keeps_redis_and_finished_results() {
     let node = Core0::start(Core0Opts::default()).expect("core0");
     let mut conn = node_conn(&node);
-    push(&mut conn, json!({"id": "k1", "command": "core.system", "arguments": {"name": "echo", "args": ["kept"]}}));
+    push(
+        &mut conn,
+        json!({"id": "k1", "command": "core.system", "arguments": {"name": "echo", "args": ["kept"]}}),
+    );
     let r = wait_result(&mut conn, "k1", 10.0).expect("result");
     assert_eq!(r["state"], "SUCCESS");
     let redis_pid = std::fs::read_to_string(node.data_dir.join("run/redis.pid"))
@@ -155,19 +230,32 @@ fn core0_sigkill_and_restart_keeps_redis_and_finished_results() {
 
     let mut node = node;
     node.proc.kill(); // SIGKILL
-    assert!(std::path::Path::new(&format!("/proc/{redis_pid}")).exists(), "redis outlives core0");
+    assert!(
+        std::path::Path::new(&format!("/proc/{redis_pid}")).exists(),
+        "redis outlives core0"
+    );
     let opts = node.opts.clone();
     // Keep the old guard from tearing the node down: restart in place.
     std::mem::forget(node);
     let node = Core0::start(opts).expect("core0 restarts");
     let again = std::fs::read_to_string(node.data_dir.join("run/redis.pid")).expect("pid file");
-    assert_eq!(again.trim(), redis_pid, "the restarted core0 adopted the same redis-server");
+    assert_eq!(
+        again.trim(),
+        redis_pid,
+        "the restarted core0 adopted the same redis-server"
+    );
     let mut conn = node_conn(&node);
     let kept: Vec<String> = conn.lrange("result:k1", 0, -1).expect("LRANGE");
     assert_eq!(kept.len(), 1);
     assert!(kept[0].contains("kept\\n"));
-    push(&mut conn, json!({"id": "k2", "command": "core.ping", "arguments": {}}));
-    assert_eq!(wait_result(&mut conn, "k2", 10.0).expect("ping")["state"], "SUCCESS");
+    push(
+        &mut conn,
+        json!({"id": "k2", "command": "core.ping", "arguments": {}}),
+    );
+    assert_eq!(
+        wait_result(&mut conn, "k2", 10.0).expect("ping")["state"],
+        "SUCCESS"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,7 +266,10 @@ async fn safe_reboot_kills_jobs_shows_halted_then_running_with_a_new_instance() 
     let before = http.get(&format!("{node}/info")).await.expect("info").json["instanceId"].clone();
     let marker = format!("reboot-{}", uuid::Uuid::new_v4().simple());
     let r = http
-        .post(&format!("{node}/processes"), json!({"name": "sh", "args": ["-c", "sleep 600", marker]}))
+        .post(
+            &format!("{node}/processes"),
+            json!({"name": "sh", "args": ["-c", "sleep 600", marker]}),
+        )
         .await
         .expect("start");
     assert_eq!(r.status, 202);
@@ -186,28 +277,45 @@ async fn safe_reboot_kills_jobs_shows_halted_then_running_with_a_new_instance() 
         let start = Instant::now();
         loop {
             let ps = http.get(&format!("{node}/processes")).await.expect("ps");
-            if let Some(p) = ps.json.as_array().and_then(|a| a.iter().find(|p| p["cmdline"].as_str().is_some_and(|c| c.contains(&marker)))) {
+            if let Some(p) = ps.json.as_array().and_then(|a| {
+                a.iter()
+                    .find(|p| p["cmdline"].as_str().is_some_and(|c| c.contains(&marker)))
+            }) {
                 break p["pid"].as_i64().expect("pid");
             }
             assert!(start.elapsed() < Duration::from_secs(10));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let r = http.post_empty(&format!("{node}/reboot")).await.expect("reboot");
+    let r = http
+        .post_empty(&format!("{node}/reboot"))
+        .await
+        .expect("reboot");
     assert_eq!(r.status, 204, "{}", r.text);
     assert!(r.text.is_empty());
-    grid.wait_status(&grid.nodes[0].node_id, "halted", Duration::from_secs(10)).await.expect("seen halted");
+    grid.wait_status(&grid.nodes[0].node_id, "halted", Duration::from_secs(10))
+        .await
+        .expect("seen halted");
     let start = Instant::now();
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(start.elapsed() < Duration::from_secs(5), "the job's process died");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the job's process died"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    grid.wait_status(&grid.nodes[0].node_id, "running", Duration::from_secs(30)).await.expect("back");
+    grid.wait_status(&grid.nodes[0].node_id, "running", Duration::from_secs(30))
+        .await
+        .expect("back");
     let after = http.get(&format!("{node}/info")).await.expect("info").json["instanceId"].clone();
     assert_ne!(before, after, "a new instance id after reboot");
     let jobs = http.get(&format!("{node}/jobs")).await.expect("jobs");
     assert_eq!(jobs.status, 200);
-    assert!(jobs.json.as_array().is_some_and(|a| a.iter().all(|j| j["startTime"].as_i64().is_some())));
+    assert!(
+        jobs.json
+            .as_array()
+            .is_some_and(|a| a.iter().all(|j| j["startTime"].as_i64().is_some()))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -215,9 +323,18 @@ async fn api_restart_keeps_registered_nodes_and_archived_results() {
     let mut grid = Grid::start(1).await.expect("grid");
     let node = grid.node_path(0);
     let http = grid.api.client();
-    let r = http.post(&format!("{node}/processes"), json!({"name": "echo", "args": ["archived"]})).await.expect("start");
+    let r = http
+        .post(
+            &format!("{node}/processes"),
+            json!({"name": "echo", "args": ["archived"]}),
+        )
+        .await
+        .expect("start");
     assert_eq!(r.status, 202);
-    let loc = r.headers["location"].to_str().expect("location").to_string();
+    let loc = r.headers["location"]
+        .to_str()
+        .expect("location")
+        .to_string();
     let start = Instant::now();
     loop {
         let j = http.get(&loc).await.expect("job");
@@ -230,7 +347,9 @@ async fn api_restart_keeps_registered_nodes_and_archived_results() {
     grid.api.restart().expect("API restarts");
     let http = grid.api.client();
     let id = grid.nodes[0].node_id.clone();
-    grid.wait_status(&id, "running", Duration::from_secs(20)).await.expect("node still registered");
+    grid.wait_status(&id, "running", Duration::from_secs(20))
+        .await
+        .expect("node still registered");
     let list = http.get("/nodes").await.expect("nodes");
     assert_eq!(list.json.as_array().map(Vec::len), Some(1));
     // The node's copy is gone (as after its 300 s TTL): the API still answers from its archive.

@@ -88,7 +88,9 @@ struct Inner {
 
 impl std::fmt::Debug for NodeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeClient").field("addr", &self.inner.addr).finish()
+        f.debug_struct("NodeClient")
+            .field("addr", &self.inner.addr)
+            .finish()
     }
 }
 
@@ -217,7 +219,11 @@ impl NodeClient {
     }
 
     /// Like [`NodeClient::call`] for a prepared command (its id is kept; a deadline is set).
-    pub async fn run(&self, cmd: &mut Command, timeout: Duration) -> Result<CommandResult, ClientError> {
+    pub async fn run(
+        &self,
+        cmd: &mut Command,
+        timeout: Duration,
+    ) -> Result<CommandResult, ClientError> {
         let deadline = now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         cmd.deadline = Some(cmd.deadline.map_or(deadline, |d| d.min(deadline)));
         let text = self.push(cmd).await?;
@@ -243,14 +249,19 @@ impl NodeClient {
                 state: r.state,
             });
         }
-        r.json_data().map_err(|source| ClientError::BadResult { id: r.id, source })
+        r.json_data()
+            .map_err(|source| ClientError::BadResult { id: r.id, source })
     }
 
     /// Pushes a command and waits until the node has accepted it (its flag exists).
     ///
     /// Returns the job id. When the node does not take it within `accept_timeout`, the command is
     /// withdrawn and [`ClientError::NotPickedUp`] returned.
-    pub async fn spawn(&self, cmd: &Command, accept_timeout: Duration) -> Result<String, ClientError> {
+    pub async fn spawn(
+        &self,
+        cmd: &Command,
+        accept_timeout: Duration,
+    ) -> Result<String, ClientError> {
         let mut cmd = cmd.clone();
         let deadline = now_ms() + u64::try_from(accept_timeout.as_millis()).unwrap_or(u64::MAX);
         cmd.deadline = Some(cmd.deadline.map_or(deadline, |d| d.min(deadline)));
@@ -322,7 +333,10 @@ impl NodeClient {
     /// Whether job `id` is known and still running: its flag exists and has no TTL yet.
     pub async fn is_running(&self, id: &str) -> Result<bool, ClientError> {
         let mut conn = self.connection();
-        let ttl: i64 = conn.ttl(flag_key(id)).await.map_err(|e| self.redis_err(e))?;
+        let ttl: i64 = conn
+            .ttl(flag_key(id))
+            .await
+            .map_err(|e| self.redis_err(e))?;
         Ok(ttl == -1)
     }
 
@@ -343,12 +357,14 @@ impl NodeClient {
         self.give_back(conn);
         match got {
             None => Ok(None),
-            Some((_, text)) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|source| ClientError::BadResult {
-                    id: id.to_string(),
-                    source,
-                }),
+            Some((_, text)) => {
+                serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|source| ClientError::BadResult {
+                        id: id.to_string(),
+                        source,
+                    })
+            }
         }
     }
 

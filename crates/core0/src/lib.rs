@@ -6,8 +6,8 @@
 
 pub mod agent;
 pub mod builtins;
-pub mod containers;
 pub mod config;
+pub mod containers;
 pub mod fs;
 pub mod identity;
 pub mod info;

@@ -234,6 +234,8 @@ pub struct CoreStateResult {
     pub swap: u64,
     /// The agent's instance id (Grid extension).
     pub instance_id: String,
+    /// Commands this agent instance has run, this one included (Grid extension).
+    pub commands: u64,
 }
 
 impl From<crate::info::CoreState> for CoreStateResult {
@@ -244,6 +246,7 @@ impl From<crate::info::CoreState> for CoreStateResult {
             vms: s.vms,
             swap: s.swap,
             instance_id: s.instance_id,
+            commands: s.commands.unwrap_or(0),
         }
     }
 }
@@ -331,10 +334,14 @@ impl<'de> Deserialize<'de> for Environment {
         match v {
             serde_json::Value::Array(_) => serde_json::from_value(v)
                 .map(Environment::List)
-                .map_err(|_| serde::de::Error::custom("env must be a list of KEY=VALUE strings or a map")),
+                .map_err(|_| {
+                    serde::de::Error::custom("env must be a list of KEY=VALUE strings or a map")
+                }),
             serde_json::Value::Object(_) => serde_json::from_value(v)
                 .map(Environment::Map)
-                .map_err(|_| serde::de::Error::custom("env must be a list of KEY=VALUE strings or a map")),
+                .map_err(|_| {
+                    serde::de::Error::custom("env must be a list of KEY=VALUE strings or a map")
+                }),
             _ => Err(serde::de::Error::custom(
                 "env must be a list of KEY=VALUE strings or a map",
             )),

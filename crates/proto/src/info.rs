@@ -200,7 +200,11 @@ pub struct CoreState {
     #[serde(default)]
     pub debug: String,
     /// Grid extension on `core.state`: the agent's instance id.
-    #[serde(default, rename = "instanceId", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "instanceId",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub instance_id: String,
     /// Grid extension on `core.state`: commands this agent instance has run (including this
     /// one), so that a benchmark can prove every answer came from the node.

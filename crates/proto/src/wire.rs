@@ -23,22 +23,42 @@ pub struct Command {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
     /// Declared by the original protocol and ignored.
-    #[serde(default, skip_serializing_if = "is_zero", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_zero",
+        deserialize_with = "null_as_default"
+    )]
     pub stats_interval: u64,
     /// Seconds before the job is killed with state `TIMEOUT`; 0 = no limit.
-    #[serde(default, skip_serializing_if = "is_zero", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_zero",
+        deserialize_with = "null_as_default"
+    )]
     pub max_time: u64,
     /// Runs in total on a non-`SUCCESS` exit (restarted after 1 s); 0 = no restart.
-    #[serde(default, skip_serializing_if = "is_zero", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_zero",
+        deserialize_with = "null_as_default"
+    )]
     pub max_restart: u64,
     /// Seconds between the end of one run and the start of the next; 0 = run once.
-    #[serde(default, skip_serializing_if = "is_zero", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_zero",
+        deserialize_with = "null_as_default"
+    )]
     pub recurring_period: u64,
     /// Push live output records on `stream:<id>`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
     /// Per-command log filter (kept for compatibility, unused).
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub log_levels: Vec<i64>,
     /// Free text copied into the result.
     #[serde(default, deserialize_with = "tags_as_string")]
@@ -324,7 +344,11 @@ mod tests {
     fn meta_packs_level_and_flags() {
         let m = meta::pack(level::STDERR, meta::STREAM | meta::EXIT_ERROR);
         assert_eq!(meta::level(m), 2);
-        let msg = StreamMessage { message: String::new(), epoch: 0, meta: m };
+        let msg = StreamMessage {
+            message: String::new(),
+            epoch: 0,
+            meta: m,
+        };
         assert!(msg.is_exit());
     }
 
