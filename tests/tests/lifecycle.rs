@@ -364,3 +364,50 @@ async fn api_restart_keeps_registered_nodes_and_archived_results() {
     assert_eq!(j.status, 200, "{}", j.text);
     assert_eq!(j.json["stdout"], "archived\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_comes_back_at_a_new_address_re_registers() {
+    let mut grid = Grid::start(1).await.expect("grid");
+    let id = grid.nodes[0].node_id.clone();
+    let http = grid.api.client();
+    let old_addr = grid.nodes[0].redis_addr.clone();
+    // The node goes away completely (agent and its redis) ...
+    drop(grid.nodes.pop());
+    grid.wait_status(&id, "halted", Duration::from_secs(15))
+        .await
+        .expect("seen halted");
+    // ... and comes back with the same id on another port and data dir.
+    let node = Core0::start(Core0Opts {
+        node_id: Some(id.clone()),
+        join: Some((grid.api.url.clone(), grid.api.join_token.clone())),
+        ..Core0Opts::default()
+    })
+    .expect("core0 again");
+    assert_ne!(node.redis_addr, old_addr);
+    grid.nodes.push(node);
+    grid.wait_status(&id, "running", Duration::from_secs(20))
+        .await
+        .expect("running again");
+    let mem = http.get(&format!("/nodes/{id}/mem")).await.expect("mem");
+    assert_eq!(mem.status, 200, "{}", mem.text);
+
+    // Another agent claiming that id with a wrong join token is refused.
+    let r = http
+        .with_token(None)
+        .post(
+            "/nodes/join",
+            json!({"id": id, "hostname": "impostor", "redisAddr": "127.0.0.1:1",
+                   "redisPassword": "", "instanceId": "x", "joinToken": "not-the-token"}),
+        )
+        .await
+        .expect("join");
+    assert!(
+        r.status == 403 || r.status == 409,
+        "{} {}",
+        r.status,
+        r.text
+    );
+    grid.wait_status(&id, "running", Duration::from_secs(5))
+        .await
+        .expect("still running");
+}

@@ -5,6 +5,14 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = grid_cli::Cli::parse();
+    if !matches!(cli.command, grid_cli::Command::Dev(_)) {
+        // Like other Unix tools, end quietly when the reader of our output goes away
+        // (`grid node X processes | head`). Not for `grid dev`, which must clean up first.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
