@@ -27,6 +27,16 @@ pub enum Sub {
     Run(Box<RunConfig>),
     /// Kill the job process groups and the redis-server a node left behind.
     Teardown(TeardownConfig),
+    /// Internal: start corex, the PID 1 of a container (run by core0 itself).
+    #[command(name = "__corex-init", hide = true)]
+    CorexInit(CorexInitArgs),
+}
+
+/// Arguments of the hidden `__corex-init` subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct CorexInitArgs {
+    /// The container directory (holds `spec.json`).
+    pub dir: PathBuf,
 }
 
 impl Cli {
@@ -115,6 +125,8 @@ mod tests {
             Cli::try_parse_from(["core0", "teardown", "--data-dir", "/tmp/x"]).expect("valid");
         assert!(matches!(cli.into_sub(), Sub::Teardown(t) if t.data_dir == Path::new("/tmp/x")));
         assert!(Cli::try_parse_from(["core0", "--join", "http://x"]).is_err());
+        let cli = Cli::try_parse_from(["corex", "__corex-init", "/d/c1"]).expect("valid");
+        assert!(matches!(cli.into_sub(), Sub::CorexInit(a) if a.dir == Path::new("/d/c1")));
     }
 
     #[test]
