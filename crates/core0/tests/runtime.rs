@@ -574,25 +574,36 @@ fn twenty_containers_start_stop_and_corex_memory() {
             c.spec.hostname
         );
     }
-    let pss: Vec<u64> = ctrs
-        .iter()
-        .map(|c| {
-            let s = read(format!("/proc/{}/smaps_rollup", c.r().pid));
-            s.lines()
-                .filter_map(|l| l.strip_prefix("Pss_Anon:"))
-                .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .sum()
-        })
-        .collect();
-    let total: u64 = pss.iter().sum();
-    let max = pss.iter().max().copied().unwrap_or(0);
-    println!(
-        "idle corex Pss_Anon: {} containers, total {total} kB, mean {} kB, max {max} kB",
-        pss.len(),
-        total / pss.len() as u64
+    let pss = |ctrs: &[Ctr]| -> Vec<u64> {
+        ctrs.iter()
+            .map(|c| {
+                let s = read(format!("/proc/{}/smaps_rollup", c.r().pid));
+                s.lines()
+                    .filter_map(|l| l.strip_prefix("Pss_Anon:"))
+                    .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .sum()
+            })
+            .collect()
+    };
+    let report = |when: &str, pss: &[u64]| {
+        let total: u64 = pss.iter().sum();
+        let max = pss.iter().max().copied().unwrap_or(0);
+        println!(
+            "corex Pss_Anon {when}: {} containers, total {total} kB, mean {} kB, max {max} kB",
+            pss.len(),
+            total / pss.len() as u64
+        );
+        max
+    };
+    let idle = report("idle after start", &pss(&ctrs));
+    for c in &ctrs {
+        assert_eq!(sh(c, "echo hi").out, ["hi"]);
+    }
+    let after = report("idle after one job", &pss(&ctrs));
+    assert!(
+        idle < 1024 && after < 1024,
+        "corex uses {idle}/{after} kB Pss_Anon"
     );
-    eprintln!("idle corex Pss_Anon per container (kB): {pss:?}");
-    assert!(max < 1024, "corex idles at {max} kB Pss_Anon");
 
     let pids: Vec<i32> = ctrs.iter().map(|c| c.r().pid).collect();
     let dirs: Vec<PathBuf> = ctrs.iter().map(|c| c.spec.dir.clone()).collect();
@@ -643,4 +654,43 @@ fn failed_setup_leaves_nothing_behind() {
         })
         .count();
     assert_eq!(cmdlines, 0, "a corex of the failed container still runs");
+}
+
+#[test]
+fn privileged_host_network_container() {
+    let fx = Fixture::new();
+    let mut spec = fx.spec(Limits::default());
+    spec.host_network = true;
+    spec.privileged = true;
+    let ctr = Ctr::start(spec);
+    let pid = ctr.r().pid.to_string();
+    assert_eq!(ns("self", "net"), ns(&pid, "net"));
+    for kind in ["pid", "mnt", "uts", "ipc"] {
+        assert_ne!(ns("self", kind), ns(&pid, kind), "{kind} ns");
+    }
+    let host_bnd = read("/proc/self/status")
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:").map(|v| v.trim().to_string()))
+        .expect("CapBnd");
+    let r = sh(
+        &ctr,
+        "grep -E 'CapBnd|NoNewPrivs' /proc/self/status; hostname",
+    );
+    assert!(
+        r.out.contains(&format!("CapBnd:\t{host_bnd}")),
+        "{:?}",
+        r.out
+    );
+    assert!(
+        r.out
+            .iter()
+            .any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('0')),
+        "{:?}",
+        r.out
+    );
+    assert_eq!(r.out.last(), Some(&ctr.spec.hostname));
+    if let Ok(host) = std::fs::read("/etc/resolv.conf") {
+        let inside = std::fs::read(format!("/proc/{pid}/root/etc/resolv.conf")).expect("resolv");
+        assert_eq!(inside, host);
+    }
 }

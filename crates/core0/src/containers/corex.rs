@@ -426,6 +426,13 @@ fn setup(spec: &ContainerSpec) -> Result<UnixListener, CorexError> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .map_err(io_step("chmod socket"))?;
 
+    // With the host's network, the host's resolver configuration applies too.
+    let resolv = if spec.host_network {
+        std::fs::read("/etc/resolv.conf").ok()
+    } else {
+        None
+    };
+
     enter_root(&merged)?;
 
     let nosuid_nodev_noexec = F::MS_NOSUID | F::MS_NODEV | F::MS_NOEXEC;
@@ -459,6 +466,9 @@ fn setup(spec: &ContainerSpec) -> Result<UnixListener, CorexError> {
         ),
     )
     .map_err(io_step("write /etc/hosts"))?;
+    if let Some(r) = resolv {
+        std::fs::write("/etc/resolv.conf", r).map_err(io_step("write /etc/resolv.conf"))?;
+    }
     if !spec.host_network {
         loopback_up()?;
     }
