@@ -87,16 +87,14 @@ ts = sorted(r["times"])
 print(f"| Grid: curl GET /nodes/{{id}}/mem | median {ts[len(ts)//2]*1e3:.2f} ms, mean {r['mean']*1e3:.2f} ms ± {r['stddev']*1e3:.2f} ({len(ts)} runs) |")
 PY
 hyperfine -N --style none --warmup 20 --runs 200 --export-json "$W/curl0.json" \
-    "curl -s -o /dev/null http://127.0.0.1:1/" >/dev/null 2>&1 || true
-if [ -f "$W/curl0.json" ]; then
+    "curl -sf -o /dev/null $URL/health" >/dev/null
 python3 - "$W/curl0.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["results"][0]
 ts = sorted(r["times"])
-print(f"| curl alone (connection refused; its own start-up cost) | median {ts[len(ts)//2]*1e3:.2f} ms |")
+print(f"| Grid: curl GET /health (no token, no node: curl's own start-up plus HTTP) | median {ts[len(ts)//2]*1e3:.2f} ms |")
 PY
-fi
-if [ "$PEERS" = 1 ] && [ -x ../shared/bench/peers.sh ] || [ "$PEERS" = 1 ] && [ -f ../shared/bench/peers.sh ]; then
+if [ "$PEERS" = 1 ] && [ -f ../shared/bench/peers.sh ]; then
     PEERS_DIR=$W/peers bash ../shared/bench/peers.sh >"$W/peers.out" 2>"$W/peers.log" || true
     if [ -f "$W/peers/results/lxd-rest.json" ]; then
         python3 - "$W/peers/results/lxd-rest.json" <<'PY'

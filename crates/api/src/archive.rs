@@ -2,9 +2,9 @@
 //!
 //! A node keeps `result:<id>` for 300 s after a job ends. Every result the API reads (a job
 //! lookup, or the background wait after `POST .../processes`) is saved in the state store under
-//! `jobs/<node>/<jobid>` with an expiry of now + `job_retention`, so `GET .../jobs/{jobid}` and its
-//! stream still answer long after the node's TTL. Expired entries are ignored on read and removed
-//! by a periodic sweep.
+//! `jobs/<node>/<jobid>` with an expiry of now + `job_retention`, so `GET .../jobs/{jobid}` and
+//! its stream still answer long after the node's TTL. A result already archived as it is, is not
+//! written again. Expired entries are ignored on read and removed by a periodic sweep.
 
 use crate::store::{self, StateStore, StoreError};
 use grid_client::NodeClient;
@@ -64,17 +64,35 @@ impl Archive {
         Self { store, retention }
     }
 
-    /// Saves a finished job's result (a running state is not saved).
-    pub async fn save(&self, node: &str, result: &JobResult) -> Result<(), StoreError> {
+    /// Saves a finished job's result (a running state is not saved). Returns whether it wrote:
+    /// a result already archived as it is (and not expired) is only read, so looking a finished
+    /// job up again and again writes nothing (no new revision, no history entry, no watch event).
+    pub async fn save(&self, node: &str, result: &JobResult) -> Result<bool, StoreError> {
         if result.state == grid_proto::State::Running.api_str() {
-            return Ok(());
+            return Ok(false);
         }
+        let key = key(node, &result.id);
+        let expected = match self.store.get(&key).await? {
+            Some(kv) => match store::decode_json::<ArchivedJob>(&kv) {
+                Ok(v) if v.value.expires_at > now_secs() && v.value.result == *result => {
+                    return Ok(false);
+                }
+                // Expired, unreadable, or a different result (a duplicate id's, replaced by the
+                // real one): replaced.
+                _ => kv.mod_revision,
+            },
+            None => 0,
+        };
         let entry = ArchivedJob {
             result: result.clone(),
             expires_at: now_secs().saturating_add(self.retention.as_secs()),
         };
-        store::put_json(self.store.as_ref(), &key(node, &result.id), &entry).await?;
-        Ok(())
+        match store::cas_json(self.store.as_ref(), &key, expected, &entry).await {
+            Ok(_) => Ok(true),
+            // Another reader archived it meanwhile.
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The archived result of a job, unless missing or expired.
@@ -188,20 +206,44 @@ mod tests {
         let store: Arc<dyn StateStore> =
             Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("open store"));
         let archive = Archive::new(store.clone(), Duration::from_secs(3600));
-        archive
-            .save("n1", &result("j1", "success"))
-            .await
-            .expect("save");
-        archive
-            .save("n1", &result("j2", "running"))
-            .await
-            .expect("running is skipped");
+        assert!(
+            archive
+                .save("n1", &result("j1", "success"))
+                .await
+                .expect("save")
+        );
+        assert!(
+            !archive
+                .save("n1", &result("j2", "running"))
+                .await
+                .expect("running is skipped")
+        );
         assert_eq!(
             archive.get("n1", "j1").await.expect("get"),
             Some(result("j1", "success"))
         );
         assert_eq!(archive.get("n1", "j2").await.expect("get"), None);
         assert_eq!(archive.get("n2", "j1").await.expect("get"), None);
+
+        // Saving the same result again writes nothing; a different one replaces it.
+        let revision = store.current_revision().await.expect("revision");
+        assert!(
+            !archive
+                .save("n1", &result("j1", "success"))
+                .await
+                .expect("save again")
+        );
+        assert_eq!(store.current_revision().await.expect("revision"), revision);
+        assert!(
+            archive
+                .save("n1", &result("j1", "error"))
+                .await
+                .expect("replace")
+        );
+        assert_eq!(
+            archive.get("n1", "j1").await.expect("get"),
+            Some(result("j1", "error"))
+        );
 
         let expired = Archive::new(store.clone(), Duration::ZERO);
         expired

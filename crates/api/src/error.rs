@@ -70,12 +70,17 @@ impl ApiError {
         ApiError::Internal(detail.to_string())
     }
 
-    /// Maps a failure talking to node `node`: unreachable → 503, too slow → 504, else 500.
+    /// Maps a failure talking to node `node`: unreachable or silent → 503, too slow → 504, else
+    /// 500. Handlers map the node errors a client's input can cause (a missing id, say) first.
     pub fn from_client(node: &str, err: ClientError) -> Self {
         match err {
             ClientError::Connect { .. } | ClientError::Redis { .. } => {
                 tracing::warn!(node, error = %err, "node unreachable");
                 ApiError::Unavailable(format!("node {node} is unreachable"))
+            }
+            ClientError::Unresponsive { .. } => {
+                tracing::warn!(node, error = %err, "node does not answer");
+                ApiError::Unavailable(format!("node {node} is unreachable: it does not answer"))
             }
             ClientError::NotPickedUp { command, .. } => ApiError::Unavailable(format!(
                 "node {node} did not pick up {command}: its agent is not running"
@@ -161,6 +166,16 @@ mod tests {
             },
         );
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let e = ApiError::from_client(
+            "n1",
+            ClientError::Unresponsive {
+                addr: "10.0.0.1:6379".into(),
+                command: "BLPOP",
+                waited: Duration::from_secs(7),
+            },
+        );
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.to_string(), "node n1 is unreachable: it does not answer");
     }
 
     #[test]

@@ -13,4 +13,5 @@ pub mod http;
 pub mod openapi;
 pub mod reconcile;
 pub mod server;
+pub mod shutdown;
 pub mod store;

@@ -1,5 +1,5 @@
 //! Wiring of a `grid-api` process: state store, configured nodes, reconciler, router, listener
-//! and graceful shutdown.
+//! and graceful shutdown (bounded by [`SHUTDOWN_GRACE`]).
 
 use crate::archive::Archive;
 use crate::auth::Authenticator;
@@ -7,12 +7,14 @@ use crate::config::{Config, NodeConfig};
 use crate::http::{self, AppState};
 use crate::reconcile::nodes::{self as registry, NodesController};
 use crate::reconcile::{Controller, Reconciler};
+use crate::shutdown::Shutdown;
 use crate::store::StateStore;
 use crate::store::redb::RedbStore;
 use anyhow::Context;
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use std::any::Any;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -20,6 +22,9 @@ use tower_http::trace::TraceLayer;
 
 /// How often expired job results are removed.
 const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+/// How long open connections get to finish after SIGINT/SIGTERM before the server stops anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 fn panic_response(err: Box<dyn Any + Send + 'static>) -> Response {
     let detail = err
@@ -76,14 +81,50 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "grid-api listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
+    let shutdown = state.shutdown.clone();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested");
+            shutdown.trigger();
+        }
+    });
+    run_http(listener, app(state), shutdown, SHUTDOWN_GRACE)
         .await
         .context("http server failed")?;
     tracing::info!("shutting down");
     sweeper.abort();
     reconciler.shutdown().await;
     Ok(())
+}
+
+/// Serves `app` on `listener` until `shutdown` is triggered, then shuts down gracefully: no new
+/// connections, in-flight requests finish (open SSE streams end on the same signal). Connections
+/// still open after `grace` are left behind and the function returns anyway.
+pub async fn run_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: Shutdown,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown({
+            let shutdown = shutdown.clone();
+            async move { shutdown.wait().await }
+        })
+        .into_future();
+    let overdue = async {
+        shutdown.wait().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => r,
+        () = overdue => {
+            tracing::warn!(?grace, "connections still open after the shutdown grace period, stopping anyway");
+            Ok(())
+        }
+    }
 }
 
 /// Registers the nodes of the configuration (source "config"). A node that joined by itself with
@@ -139,5 +180,78 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves a route whose body never ends; returns the address and the server task.
+    async fn hanging_server(
+        shutdown: Shutdown,
+        grace: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route(
+            "/hang",
+            get(|| async {
+                Body::from_stream(futures::stream::pending::<
+                    Result<bytes::Bytes, std::io::Error>,
+                >())
+            }),
+        );
+        let task = tokio::spawn(run_http(listener, app, shutdown, grace));
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn graceful_shutdown_is_bounded_by_the_grace_period() {
+        let shutdown = Shutdown::new();
+        let grace = Duration::from_millis(300);
+        let (addr, task) = hanging_server(shutdown.clone(), grace).await;
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /hang HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .expect("request");
+        // The response head has arrived: the request is in flight and its body never ends.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 512];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.expect("read");
+            assert!(n > 0, "connection closed before the response head");
+            head.extend_from_slice(&buf[..n]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"));
+
+        let started = tokio::time::Instant::now();
+        shutdown.trigger();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the server returned despite the open connection")
+            .expect("server task")
+            .expect("server");
+        assert!(started.elapsed() >= grace);
+    }
+
+    #[tokio::test]
+    async fn shutdown_without_open_connections_does_not_wait_for_the_grace_period() {
+        let shutdown = Shutdown::new();
+        let (_, task) = hanging_server(shutdown.clone(), Duration::from_secs(600)).await;
+        shutdown.trigger();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the server returned at once")
+            .expect("server task")
+            .expect("server");
     }
 }

@@ -4,8 +4,9 @@
 //! without core0; the end-to-end tests with the real agent live in the workspace's `tests/`.
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, BodyDataStream};
 use axum::http::{Method, Request, StatusCode, header};
+use futures::StreamExt;
 use grid_api::config::{Config, Scope, TokenConfig};
 use grid_api::reconcile::nodes::NodesController;
 use grid_api::server;
@@ -110,6 +111,21 @@ fn record(id: &str, lvl: u16, flags: u32, line: &str) -> String {
 struct Played {
     running: std::sync::Mutex<Vec<Command>>,
     finish: tokio::sync::Notify,
+    /// `process.list` calls for [`VANISHING`]: it exists for the first one only.
+    vanishing_lookups: std::sync::atomic::AtomicUsize,
+}
+
+/// A process the node may not signal (EPERM).
+const PROTECTED: i64 = 4242;
+/// A process that ends between the API's lookup and its signal.
+const VANISHING: i64 = 4343;
+
+fn process(pid: i64) -> Value {
+    json!([grid_proto::info::ProcessInfo {
+        pid,
+        name: "p".into(),
+        ..Default::default()
+    }])
 }
 
 /// Runs the `slow` process: one line, then the rest when the test says so.
@@ -186,7 +202,34 @@ async fn play_node(client: redis::Client, played: Arc<Played>) {
             "job.list" => result(&cmd, State::Success, json!([])),
             "job.kill" => result(&cmd, State::Success, json!(false)),
             "job.killall" => result(&cmd, State::Success, json!(true)),
+            "process.list" if cmd.arguments["pid"] == PROTECTED => {
+                result(&cmd, State::Success, process(PROTECTED))
+            }
+            "process.list" if cmd.arguments["pid"] == VANISHING => {
+                let n = played
+                    .vanishing_lookups
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n == 0 {
+                    result(&cmd, State::Success, process(VANISHING))
+                } else {
+                    result(
+                        &cmd,
+                        State::Error,
+                        json!(format!("process {VANISHING} not found")),
+                    )
+                }
+            }
             "process.list" => result(&cmd, State::Error, json!("process not found")),
+            "process.kill" if cmd.arguments["pid"] == PROTECTED => result(
+                &cmd,
+                State::Error,
+                json!(format!("not permitted to signal process {PROTECTED}")),
+            ),
+            "process.kill" => result(
+                &cmd,
+                State::Error,
+                json!(format!("process {} not found", cmd.arguments["pid"])),
+            ),
             "core.system" if cmd.arguments["name"] == "slow" => {
                 played.running.lock().expect("lock").push(cmd.clone());
                 tokio::spawn(slow_job(client.clone(), played.clone(), cmd));
@@ -219,6 +262,7 @@ async fn play_node(client: redis::Client, played: Arc<Played>) {
 
 struct Harness {
     app: Router,
+    state: grid_api::http::AppState,
     played: Arc<Played>,
     redis: RedisServer,
     node: tokio::task::JoinHandle<()>,
@@ -232,6 +276,13 @@ impl Drop for Harness {
 }
 
 async fn harness() -> Harness {
+    harness_with(|s| s).await
+}
+
+/// A harness whose app state `adjust` may change first.
+async fn harness_with(
+    adjust: impl FnOnce(grid_api::http::AppState) -> grid_api::http::AppState,
+) -> Harness {
     let redis = RedisServer::start();
     let played = Arc::new(Played::default());
     let client = redis::Client::open(format!("redis://{}/", redis.addr)).expect("url");
@@ -246,9 +297,11 @@ async fn harness() -> Harness {
         token: TOKEN.into(),
         scope: Scope::Admin,
     }];
-    let state = server::state(&config, store, Arc::new(NodesController::new())).expect("app state");
+    let state =
+        adjust(server::state(&config, store, Arc::new(NodesController::new())).expect("app state"));
     let h = Harness {
-        app: server::app(state),
+        app: server::app(state.clone()),
+        state,
         played,
         redis,
         node,
@@ -310,6 +363,59 @@ impl Harness {
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         )
     }
+}
+
+impl Harness {
+    /// Opens the SSE stream of job `id` and reads it until `until` appears in it.
+    async fn open_stream(&self, id: &str, until: &str) -> (BodyDataStream, String) {
+        let req = Request::builder()
+            .uri(format!("/nodes/n1/jobs/{id}/stream"))
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(Body::empty())
+            .expect("request");
+        let resp = self.app.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body().into_data_stream();
+        let mut text = String::new();
+        while !text.contains(until) {
+            text.push_str(&next_chunk(&mut body).await.expect("the stream goes on"));
+        }
+        (body, text)
+    }
+
+    /// Starts the `slow` job and returns its id.
+    async fn start_slow(&self) -> String {
+        let (status, _, text) = self
+            .send(
+                Method::POST,
+                "/nodes/n1/processes",
+                Some(json!({"name": "slow"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+        serde_json::from_str::<Value>(&text).expect("json")["id"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    }
+
+    /// Waits until `cond` holds, checking every 20 ms (the API has no notification for it).
+    async fn eventually(&self, what: &str, mut cond: impl AsyncFnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !cond().await {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The next data chunk of a body, `None` at its end.
+async fn next_chunk(body: &mut BodyDataStream) -> Option<String> {
+    let data = tokio::time::timeout(WAIT, body.next())
+        .await
+        .expect("a chunk in time")?
+        .expect("body chunk");
+    Some(String::from_utf8_lossy(&data).into_owned())
 }
 
 /// `(event, data)` pairs of an SSE body.
@@ -488,4 +594,140 @@ async fn one_reader_fans_out_to_late_subscribers() {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(sse_events(&text), expected);
     }
+}
+
+#[tokio::test]
+async fn refused_signals_answer_404_or_409_not_500() {
+    let h = harness().await;
+    let signal = json!({"signal": 15});
+    let (status, _, body) = h
+        .send(
+            Method::POST,
+            &format!("/nodes/n1/processes/{PROTECTED}"),
+            Some(signal.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("not permitted to send signal 15"), "{body}");
+    let (status, body) = h
+        .json(Method::DELETE, &format!("/nodes/n1/processes/{PROTECTED}"))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    // Found by the lookup, gone by the signal.
+    let (status, body) = h
+        .json(Method::DELETE, &format!("/nodes/n1/processes/{VANISHING}"))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(
+        body["error"],
+        format!("process {VANISHING} not found on node n1")
+    );
+}
+
+#[tokio::test]
+async fn looking_a_finished_job_up_again_writes_nothing() {
+    let h = harness().await;
+    let (status, _, text) = h
+        .send(
+            Method::POST,
+            "/nodes/n1/processes",
+            Some(json!({"name": "echo"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+    let id = serde_json::from_str::<Value>(&text).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let key = grid_api::archive::key("n1", &id);
+    h.eventually("the result is archived", async || {
+        h.state.store.get(&key).await.expect("get").is_some()
+    })
+    .await;
+    let revision = h.state.store.current_revision().await.expect("revision");
+    for _ in 0..3 {
+        let (status, job) = h.json(Method::GET, &format!("/nodes/n1/jobs/{id}")).await;
+        assert_eq!(
+            (status, job["state"].as_str()),
+            (StatusCode::OK, Some("success"))
+        );
+        let (status, _, _) = h
+            .send(Method::GET, &format!("/nodes/n1/jobs/{id}/stream"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(
+        h.state.store.current_revision().await.expect("revision"),
+        revision,
+        "a lookup wrote to the store"
+    );
+}
+
+#[tokio::test]
+async fn a_reader_nobody_listens_to_stops_and_a_late_subscriber_gets_the_result() {
+    let h = harness_with(|mut s| {
+        s.streams = s
+            .streams
+            .with_timing(Duration::from_millis(100), Duration::from_millis(200));
+        s
+    })
+    .await;
+    let id = h.start_slow().await;
+    let (body, _) = h.open_stream(&id, "hello").await;
+    assert!(h.state.streams.is_reading("n1", &id));
+    // The only subscriber hangs up: the reader stops although the job runs on.
+    drop(body);
+    h.eventually("the reader stops", async || {
+        !h.state.streams.is_reading("n1", &id)
+    })
+    .await;
+    let (status, job) = h.json(Method::GET, &format!("/nodes/n1/jobs/{id}")).await;
+    assert_eq!(
+        (status, job["state"].as_str()),
+        (StatusCode::OK, Some("running"))
+    );
+
+    // The job ends; a new subscriber gets all of it from the result.
+    h.played.finish.notify_one();
+    let mut conn = h.redis.conn().await;
+    h.eventually("the job has its result", async || {
+        conn.exists(result_key(&id)).await.expect("exists")
+    })
+    .await;
+    let (status, _, text) = h
+        .send(Method::GET, &format!("/nodes/n1/jobs/{id}/stream"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        sse_events(&text),
+        vec![
+            ("stdout".to_string(), "hello".to_string()),
+            ("stderr".to_string(), "oops".to_string()),
+            (
+                "exit".to_string(),
+                r#"{"state":"error","code":3}"#.to_string()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams() {
+    let h = harness().await;
+    let id = h.start_slow().await;
+    let (mut body, mut text) = h.open_stream(&id, "hello").await;
+    h.state.shutdown.trigger();
+    while let Some(chunk) = next_chunk(&mut body).await {
+        text.push_str(&chunk);
+    }
+    let events = sse_events(&text);
+    assert_eq!(
+        events.last(),
+        Some(&(
+            "error".to_string(),
+            r#"{"error":"grid-api is shutting down"}"#.to_string()
+        )),
+        "{text}"
+    );
+    h.played.finish.notify_one();
 }

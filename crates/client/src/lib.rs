@@ -57,6 +57,17 @@ pub enum ClientError {
         /// Cause.
         source: serde_json::Error,
     },
+    /// The node's Redis did not answer a blocking command within its wait plus
+    /// [`BLOCKING_SLACK`] (the host vanished, or its network did): the connection was dropped.
+    #[error("node redis at {addr} did not answer {command} within {waited:?}")]
+    Unresponsive {
+        /// `host:port`.
+        addr: String,
+        /// The Redis command, e.g. `BRPOPLPUSH`.
+        command: &'static str,
+        /// How long the caller waited.
+        waited: Duration,
+    },
     /// A built-in command failed on the node.
     #[error("{command} failed on the node: {message}")]
     Failed {
@@ -96,6 +107,10 @@ impl std::fmt::Debug for NodeClient {
 
 /// Idle blocking connections kept per node.
 const MAX_IDLE: usize = 128;
+
+/// How much longer than its own wait a blocking command may take before the node counts as
+/// gone: without it, a host that lost power mid-`BLPOP` holds the caller until TCP gives up.
+pub const BLOCKING_SLACK: Duration = Duration::from_secs(2);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -192,6 +207,40 @@ impl NodeClient {
         }
     }
 
+    /// Runs blocking command `name` with `keys` and a server-side wait of `wait` on a connection
+    /// of its own. The answer must come within `wait` + [`BLOCKING_SLACK`]; otherwise the
+    /// connection is dropped (never pooled again) and [`ClientError::Unresponsive`] returned.
+    async fn blocking<T: redis::FromRedisValue>(
+        &self,
+        name: &'static str,
+        keys: &[&str],
+        wait: Duration,
+    ) -> Result<T, ClientError> {
+        let mut conn = self.take_blocking().await?;
+        let mut cmd = redis::cmd(name);
+        for k in keys {
+            cmd.arg(*k);
+        }
+        cmd.arg(wait.as_secs_f64().max(0.01));
+        let limit = wait.saturating_add(BLOCKING_SLACK);
+        match tokio::time::timeout(limit, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => {
+                self.give_back(conn);
+                Ok(v)
+            }
+            // A connection that failed is not reused either.
+            Ok(Err(e)) => Err(self.redis_err(e)),
+            Err(_) => {
+                tracing::warn!(addr = %self.inner.addr, command = name, ?limit, "node redis does not answer, dropping the connection");
+                Err(ClientError::Unresponsive {
+                    addr: self.inner.addr.clone(),
+                    command: name,
+                    waited: limit,
+                })
+            }
+        }
+    }
+
     /// Pushes `cmd` on `core:default` as it is.
     pub async fn push(&self, cmd: &Command) -> Result<String, ClientError> {
         let text = serde_json::to_string(cmd).map_err(ClientError::Encode)?;
@@ -267,16 +316,9 @@ impl NodeClient {
         cmd.deadline = Some(cmd.deadline.map_or(deadline, |d| d.min(deadline)));
         let text = self.push(&cmd).await?;
         let flag = flag_key(&cmd.id);
-        let mut conn = self.take_blocking().await?;
-        let secs = accept_timeout.as_secs_f64().max(0.01);
-        let got: Option<String> = redis::cmd("BRPOPLPUSH")
-            .arg(&flag)
-            .arg(&flag)
-            .arg(secs)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.redis_err(e))?;
-        self.give_back(conn);
+        let got: Option<String> = self
+            .blocking("BRPOPLPUSH", &[&flag, &flag], accept_timeout)
+            .await?;
         match got {
             Some(_) => Ok(cmd.id.clone()),
             None => Err(self.give_up(&cmd, &text, accept_timeout).await),
@@ -307,16 +349,7 @@ impl NodeClient {
         timeout: Duration,
     ) -> Result<Option<CommandResult>, ClientError> {
         let key = result_key(id);
-        let mut conn = self.take_blocking().await?;
-        let secs = timeout.as_secs_f64().max(0.01);
-        let got: Option<String> = redis::cmd("BRPOPLPUSH")
-            .arg(&key)
-            .arg(&key)
-            .arg(secs)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.redis_err(e))?;
-        self.give_back(conn);
+        let got: Option<String> = self.blocking("BRPOPLPUSH", &[&key, &key], timeout).await?;
         got.map(|text| self.decode(id, &text)).transpose()
     }
 
@@ -346,15 +379,8 @@ impl NodeClient {
         id: &str,
         timeout: Duration,
     ) -> Result<Option<StreamRecord>, ClientError> {
-        let mut conn = self.take_blocking().await?;
-        let secs = timeout.as_secs_f64().max(0.01);
-        let got: Option<(String, String)> = redis::cmd("BLPOP")
-            .arg(stream_key(id))
-            .arg(secs)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.redis_err(e))?;
-        self.give_back(conn);
+        let got: Option<(String, String)> =
+            self.blocking("BLPOP", &[&stream_key(id)], timeout).await?;
         match got {
             None => Ok(None),
             Some((_, text)) => {
@@ -379,6 +405,114 @@ impl NodeClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command as Process, Stdio};
+
+    /// A real redis-server on a free port, stopped (and thawed first) on drop.
+    struct Redis {
+        child: Child,
+        addr: String,
+    }
+
+    impl Redis {
+        fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let mut child = Process::new("/usr/bin/redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("start /usr/bin/redis-server");
+            let out = child.stdout.take().expect("stdout is piped");
+            let mut lines = BufReader::new(out).lines();
+            let ready = lines
+                .by_ref()
+                .map_while(Result::ok)
+                .any(|l| l.contains("Ready to accept connections"));
+            // Keep draining so the server never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            let redis = Self {
+                child,
+                addr: format!("127.0.0.1:{port}"),
+            };
+            assert!(ready, "redis-server exited before it was ready");
+            redis
+        }
+
+        /// Sends `sig` (a `kill` signal name) to the server.
+        fn signal(&self, sig: &str) {
+            let status = Process::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(self.child.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{sig} failed");
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = Process::new("kill")
+                .arg("-CONT")
+                .arg(self.child.id().to_string())
+                .status();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn idle(client: &NodeClient) -> usize {
+        client
+            .inner
+            .idle
+            .lock()
+            .expect("idle lock is never poisoned in tests")
+            .len()
+    }
+
+    #[tokio::test]
+    async fn a_frozen_node_ends_blocking_waits_and_drops_the_connection() {
+        let redis = Redis::start();
+        let client = NodeClient::connect(&redis.addr, None)
+            .await
+            .expect("connect");
+        // A wait that ends normally gives its connection back to the pool.
+        let got = client
+            .wait_result("j1", Duration::from_millis(10))
+            .await
+            .expect("empty wait");
+        assert!(got.is_none());
+        assert_eq!(idle(&client), 1);
+
+        // Stopped, the server neither answers nor closes: a host that lost its power.
+        redis.signal("STOP");
+        let started = std::time::Instant::now();
+        let err = client
+            .wait_result("j1", Duration::from_millis(200))
+            .await
+            .expect_err("a frozen node cannot answer");
+        let took = started.elapsed();
+        assert!(
+            matches!(
+                err,
+                ClientError::Unresponsive {
+                    command: "BRPOPLPUSH",
+                    ..
+                }
+            ),
+            "unexpected error: {err}"
+        );
+        assert!(took >= BLOCKING_SLACK, "gave up too early: {took:?}");
+        assert!(took < BLOCKING_SLACK * 3, "gave up too late: {took:?}");
+        assert_eq!(
+            idle(&client),
+            0,
+            "the dead connection went back to the pool"
+        );
+    }
 
     #[test]
     fn password_is_percent_encoded_in_url() {

@@ -1,9 +1,11 @@
 //! The agent's life: startup (directories, Redis, job manager, consumer, registration with the
 //! API), shutdown on SIGTERM/SIGINT (jobs and Redis keep running, DECISIONS "Lifetimes"), the
 //! safe reboot (kill every job, flush Redis, stay halted, re-exec), and `core0 teardown`.
+//! While it runs, the agent starts its own redis-server again whenever that one dies.
 
 use crate::builtins::{self, Power, Registry};
 use crate::config::RunConfig;
+use crate::jobs::pgid::Record;
 use crate::jobs::{CtxBase, JobManager, JobsConfig};
 use crate::redis_server;
 use crate::transport::{self, RedisPublisher};
@@ -19,6 +21,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 const REJOIN_EVERY: Duration = Duration::from_secs(30);
 /// Longest pause between registration attempts.
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Longest pause between attempts to start a new redis-server after the old one died.
+const REDIS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Why the agent could not run (or teardown failed).
 #[derive(Debug, thiserror::Error)]
@@ -130,8 +134,10 @@ impl Agent {
         private_dir(&run_dir.join("jobs"))?;
         let _lock = lock_data_dir(&data_dir, &run_dir)?;
         let pidf = run_dir.join("core0.pid");
-        std::fs::write(&pidf, format!("{}\n", std::process::id())).map_err(io_err(&pidf))?;
+        let me = i32::try_from(std::process::id()).unwrap_or(0);
+        crate::jobs::pgid::write(&pidf, me).map_err(io_err(&pidf))?;
 
+        let mut own_redis = None;
         let (client, redis_addr, password) = match &cfg.redis_url {
             Some(url) => {
                 let client =
@@ -155,20 +161,15 @@ impl Agent {
                     Some(p) => p.clone(),
                     None => redis_server::stored_password(&data_dir)?,
                 };
-                let (listen, pw, dd, rd) = (
-                    cfg.redis_listen.clone(),
-                    password.clone(),
-                    data_dir.clone(),
-                    run_dir.clone(),
-                );
-                let server = tokio::task::spawn_blocking(move || {
-                    redis_server::ensure(&listen, &pw, &dd, &rd)
-                })
-                .await
-                .map_err(|e| AgentError::Task {
-                    what: "redis-server",
-                    reason: e.to_string(),
-                })??;
+                let own = OwnRedis {
+                    listen: cfg.redis_listen.clone(),
+                    password: password.clone(),
+                    data_dir: data_dir.clone(),
+                    run_dir: run_dir.clone(),
+                    exited: mpsc::unbounded_channel(),
+                };
+                let server = own.ensure().await?;
+                own_redis = Some(own);
                 let client = redis::Client::open(server.connection_info()?).map_err(|e| {
                     AgentError::RedisUrl {
                         reason: e.to_string(),
@@ -198,6 +199,7 @@ impl Agent {
         let kill_grace = jobs_cfg.kill_grace;
         let jobs = JobManager::new(publisher.clone(), registry, base, jobs_cfg);
 
+        let supervisor = own_redis.map(|own| tokio::spawn(own.supervise()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = oneshot::channel();
         let consumer = tokio::spawn(transport::consume(
@@ -245,6 +247,9 @@ impl Agent {
         if let Some(j) = joiner {
             j.abort();
         }
+        if let Some(s) = supervisor {
+            s.abort();
+        }
         match ending {
             Ending::Signal => {
                 tracing::info!("stopping (jobs and redis keep running)");
@@ -269,6 +274,66 @@ impl Agent {
                 tracing::warn!(secs = cfg.reboot_downtime, "safe reboot: halted");
                 tokio::time::sleep(Duration::from_secs(cfg.reboot_downtime)).await;
                 Err(reexec())
+            }
+        }
+    }
+}
+
+/// core0's own redis-server: how to start it, and the channel its exit is reported on.
+struct OwnRedis {
+    listen: String,
+    password: String,
+    data_dir: PathBuf,
+    run_dir: PathBuf,
+    exited: (mpsc::UnboundedSender<i32>, mpsc::UnboundedReceiver<i32>),
+}
+
+impl OwnRedis {
+    /// Adopts or starts the redis-server; its exit will be reported on `exited`.
+    async fn ensure(&self) -> Result<redis_server::RedisServer, AgentError> {
+        let (listen, pw, dd, rd) = (
+            self.listen.clone(),
+            self.password.clone(),
+            self.data_dir.clone(),
+            self.run_dir.clone(),
+        );
+        let tx = self.exited.0.clone();
+        let hook: redis_server::ExitHook = Box::new(move |pid| {
+            let _ = tx.send(pid);
+        });
+        let server = tokio::task::spawn_blocking(move || {
+            redis_server::ensure(&listen, &pw, &dd, &rd, Some(hook))
+        })
+        .await
+        .map_err(|e| AgentError::Task {
+            what: "redis-server",
+            reason: e.to_string(),
+        })??;
+        Ok(server)
+    }
+
+    /// Starts a new redis-server (same address and password) whenever the current one dies;
+    /// the consumer and the publisher reconnect on their own. Runs until aborted.
+    async fn supervise(mut self) {
+        while let Some(pid) = self.exited.1.recv().await {
+            tracing::error!(
+                pid,
+                addr = %self.listen,
+                "core0's redis-server died; starting a new one (the queued commands, flags and results it held are lost)"
+            );
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match self.ensure().await {
+                    Ok(server) => {
+                        tracing::warn!(pid = server.pid, adopted = server.adopted, addr = %self.listen, "redis-server is back");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a new redis-server, retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(REDIS_BACKOFF_MAX);
+                    }
+                }
             }
         }
     }
@@ -377,21 +442,23 @@ fn argv0_is(pid: i32, name: &str) -> bool {
 }
 
 /// Kills what a node left behind in `data_dir`: its core0 process (if one still runs), every
-/// job process group recorded in `run/jobs/*.pgid`, and its redis-server. The directory itself
-/// is left for the caller to remove.
+/// job process group recorded in `run/jobs/*.pgid`, and its redis-server. Each record is checked
+/// against /proc first (starttime, see [`crate::jobs::pgid`]): a pid or group number reused by
+/// another process is skipped and its stale record removed. The directory itself is left for
+/// the caller to remove.
 pub fn teardown(data_dir: &Path) -> Result<Teardown, AgentError> {
     use nix::sys::signal::{Signal, kill, killpg};
     use nix::unistd::Pid;
     let run_dir = run_dir_of(data_dir);
     let mut report = Teardown::default();
     let me = i32::try_from(std::process::id()).unwrap_or(0);
-    if let Some(pid) = std::fs::read_to_string(run_dir.join("core0.pid"))
-        .ok()
-        .and_then(|t| t.trim().parse::<i32>().ok())
-        .filter(|p| *p > 1 && *p != me && argv0_is(*p, "core0"))
-    {
-        report.core0_killed = kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok();
-        let _ = std::fs::remove_file(run_dir.join("core0.pid"));
+    let core0_pid = run_dir.join("core0.pid");
+    if let Some(rec) = Record::read(&core0_pid) {
+        // The recorded starttime (when known) tells a reused pid from the recorded core0.
+        if rec.pid != me && rec.is_same_process() && argv0_is(rec.pid, "core0") {
+            report.core0_killed = kill(Pid::from_raw(rec.pid), Signal::SIGKILL).is_ok();
+        }
+        let _ = std::fs::remove_file(&core0_pid);
     }
     let jobs_dir = run_dir.join("jobs");
     match std::fs::read_dir(&jobs_dir) {
@@ -401,14 +468,13 @@ pub fn teardown(data_dir: &Path) -> Result<Teardown, AgentError> {
                 if path.extension().and_then(|e| e.to_str()) != Some("pgid") {
                     continue;
                 }
-                let pgid = std::fs::read_to_string(&path)
-                    .ok()
-                    .and_then(|t| t.trim().parse::<i32>().ok())
-                    .filter(|p| *p > 1);
-                if let Some(pgid) = pgid
-                    && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok()
-                {
-                    report.groups_killed.push(pgid);
+                // A group whose number now belongs to someone else is skipped (see `pgid`).
+                if let Some(rec) = Record::read(&path) {
+                    if !rec.is_same_group() {
+                        tracing::warn!(pgid = rec.pid, path = %path.display(), "stale job process group record: skipped");
+                    } else if killpg(Pid::from_raw(rec.pid), Signal::SIGKILL).is_ok() {
+                        report.groups_killed.push(rec.pid);
+                    }
                 }
                 let _ = std::fs::remove_file(&path);
             }

@@ -20,6 +20,9 @@ pub const READ_BLOCK: usize = 512 * 1024;
 /// How long an open file may stay unused before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
+/// Files `filesystem.open` keeps open at once; more are refused until some are closed.
+pub const MAX_OPEN_FILES: usize = 1024;
+
 /// Why a filesystem operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -28,6 +31,12 @@ pub enum FsError {
     BadMode {
         /// The mode given.
         mode: String,
+    },
+    /// [`MAX_OPEN_FILES`] (or the table's own limit) files are open already.
+    #[error("too many open files ({max}): close some with filesystem.close first")]
+    TooManyOpen {
+        /// The limit.
+        max: usize,
     },
     /// No open file has this fd (never opened, closed, or idle too long).
     #[error("unknown fd {fd}")]
@@ -100,11 +109,13 @@ struct OpenFile {
     last_used: Instant,
 }
 
-/// Files opened by `filesystem.open`, keyed by fd (a UUID), closed after 5 idle minutes.
+/// Files opened by `filesystem.open`, keyed by fd (a UUID), closed after 5 idle minutes; at
+/// most [`MAX_OPEN_FILES`] at once.
 #[derive(Debug)]
 pub struct FsTable {
     files: Mutex<HashMap<String, OpenFile>>,
     idle: Duration,
+    max_open: usize,
 }
 
 impl Default for FsTable {
@@ -125,7 +136,14 @@ impl FsTable {
         Self {
             files: Mutex::new(HashMap::new()),
             idle,
+            max_open: MAX_OPEN_FILES,
         }
+    }
+
+    /// The same table with at most `max_open` files open at once (at least one).
+    pub fn with_max_open(mut self, max_open: usize) -> Self {
+        self.max_open = max_open.max(1);
+        self
     }
 
     /// Locks the table and closes the files idle for too long (checked lazily on every call).
@@ -146,13 +164,24 @@ impl FsTable {
         Ok(Arc::clone(&f.file))
     }
 
-    /// `filesystem.open`: opens `args.file` and returns its new fd.
+    /// `filesystem.open`: opens `args.file` and returns its new fd. Refused while the table is
+    /// full.
     pub fn open(&self, args: &FsOpenArgs) -> Result<String, FsError> {
         let opts = open_options(&args.mode, args.perm)?;
+        let full = || FsError::TooManyOpen { max: self.max_open };
+        // Checked before opening (a refused "w" must not truncate) and again when inserting
+        // (the open runs unlocked: it may block, on a FIFO say).
+        if self.table().len() >= self.max_open {
+            return Err(full());
+        }
         let path = Path::new(&args.file);
         let file = opts.open(path).map_err(io_err("open", path))?;
         let fd = uuid::Uuid::new_v4().to_string();
-        self.table().insert(
+        let mut files = self.table();
+        if files.len() >= self.max_open {
+            return Err(full());
+        }
+        files.insert(
             fd.clone(),
             OpenFile {
                 file: Arc::new(Mutex::new(file)),
@@ -391,6 +420,32 @@ mod tests {
 
     fn s(p: &Path) -> String {
         p.display().to_string()
+    }
+
+    #[test]
+    fn open_files_are_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(FsTable::default().max_open, MAX_OPEN_FILES);
+        let table = FsTable::default().with_max_open(3);
+        let mut fds: Vec<String> = (0..3)
+            .map(|i| {
+                table
+                    .open(&open_args(&dir.path().join(format!("f{i}")), "w"))
+                    .expect("open below the cap")
+            })
+            .collect();
+        let refused = dir.path().join("refused");
+        let err = table
+            .open(&open_args(&refused, "w"))
+            .expect_err("the fourth file is refused");
+        assert!(matches!(err, FsError::TooManyOpen { max: 3 }), "{err}");
+        assert!(err.to_string().contains("too many open files"), "{err}");
+        assert!(!refused.exists(), "a refused open creates nothing");
+        table.close(&fds.pop().expect("an fd")).expect("close");
+        table
+            .open(&open_args(&refused, "w"))
+            .expect("a slot is free again");
+        assert_eq!(table.len(), 3);
     }
 
     #[test]

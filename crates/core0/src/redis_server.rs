@@ -1,9 +1,18 @@
 //! core0's own `redis-server`: started as a child in its own session (so it outlives a core0
 //! crash), adopted by the next core0 through `<run_dir>/redis.pid`, stopped by `core0 teardown`.
+//!
+//! `redis.pid` holds `<pid> <starttime> <host:port>`. A process is taken as this node's
+//! redis-server only if it is a redis-server, has the recorded starttime, and its title
+//! (redis rewrites it to `redis-server <host>:<port>`) names the node's address: a reused pid
+//! is never adopted or signalled. The password reaches redis through a 0600 config file in the
+//! run directory, never through its command line. Whoever calls [`ensure`] can ask to be told
+//! when that redis-server exits (see [`ExitHook`]).
 
 use crate::config::split_host_port;
+use crate::jobs::pgid::Record;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +23,11 @@ use std::time::{Duration, Instant};
 const READY_WITHIN: Duration = Duration::from_secs(5);
 /// Interval of the readiness poll.
 const READY_POLL: Duration = Duration::from_millis(20);
+/// Interval of the exit check of an adopted redis-server when pidfds are not available.
+const EXIT_POLL: Duration = Duration::from_secs(1);
+
+/// Called with the pid once the redis-server [`ensure`] provided has exited.
+pub type ExitHook = Box<dyn FnOnce(i32) + Send>;
 
 /// Why core0's redis-server could not be provided.
 #[derive(Debug, thiserror::Error)]
@@ -124,13 +138,39 @@ fn pid_file(run_dir: &Path) -> PathBuf {
     run_dir.join("redis.pid")
 }
 
-fn read_pid(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|p| *p > 1)
+fn conf_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("redis.conf")
+}
+
+/// What `redis.pid` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PidFile {
+    /// Pid and starttime (unknown in files of the old one-number format).
+    rec: Record,
+    /// The `host:port` it was started on (absent in old files).
+    addr: Option<String>,
+}
+
+impl PidFile {
+    fn parse(text: &str) -> Option<Self> {
+        let mut rec = Record::parse(text)?;
+        // Written when the starttime could not be read: unknown.
+        if rec.starttime == Some(0) {
+            rec.starttime = None;
+        }
+        let addr = text.split_whitespace().nth(2).map(str::to_string);
+        Some(Self { rec, addr })
+    }
+
+    fn read(path: &Path) -> Option<Self> {
+        Self::parse(&std::fs::read_to_string(path).ok()?)
+    }
+
+    fn write(path: &Path, pid: i32, addr: &str) -> Result<(), RedisServerError> {
+        let rec = Record::of(pid);
+        let text = format!("{} {} {addr}\n", pid, rec.starttime.unwrap_or(0));
+        std::fs::write(path, text).map_err(io_err(path))
+    }
 }
 
 /// Whether `pid` is a live redis-server (its title or argv[0] says so).
@@ -144,6 +184,26 @@ pub fn is_redis_server(pid: i32) -> bool {
         .unwrap_or_default();
     let name = first.rsplit(|b| *b == b'/').next().unwrap_or_default();
     name.starts_with(b"redis-server")
+}
+
+/// Whether the command line (title) of `pid` has `addr` (`host:port`) as a whole word.
+fn title_names(pid: i32, addr: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        cmdline
+            .split(|b| *b == 0 || *b == b' ')
+            .any(|word| word == addr.as_bytes())
+    })
+}
+
+/// The address a redis-server bound to `host` and `port` shows in its title.
+fn title_addr(host: &str, port: u16) -> String {
+    format!("{host}:{port}")
+}
+
+/// Whether the process of `file` is this node's redis-server on `addr`: a redis-server with
+/// the recorded starttime whose title names `addr`.
+fn is_node_redis(file: &PidFile, addr: &str) -> bool {
+    file.rec.is_same_process() && is_redis_server(file.rec.pid) && title_names(file.rec.pid, addr)
 }
 
 /// Whether a redis at `addr` answers PING with `password`.
@@ -168,10 +228,10 @@ fn signal(pid: i32, sig: nix::sys::signal::Signal) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok()
 }
 
-fn wait_gone(pid: i32, within: Duration) -> bool {
+fn wait_gone(rec: &Record, within: Duration) -> bool {
     let until = Instant::now() + within;
     while Instant::now() < until {
-        if !Path::new(&format!("/proc/{pid}")).exists() || !is_redis_server(pid) {
+        if !rec.is_same_process() || !is_redis_server(rec.pid) {
             return true;
         }
         std::thread::sleep(READY_POLL);
@@ -179,52 +239,106 @@ fn wait_gone(pid: i32, within: Duration) -> bool {
     false
 }
 
+/// SIGTERM, then SIGKILL after 3 s.
+fn terminate(rec: &Record) {
+    signal(rec.pid, nix::sys::signal::Signal::SIGTERM);
+    if !wait_gone(rec, Duration::from_secs(3)) {
+        signal(rec.pid, nix::sys::signal::Signal::SIGKILL);
+        wait_gone(rec, Duration::from_secs(2));
+    }
+}
+
+/// Writes the 0600 config file holding `requirepass` (quoted, every byte but letters and
+/// digits as `\xHH`).
+fn write_conf(path: &Path, password: &str) -> Result<(), RedisServerError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(path)(e)),
+    }
+    let mut text = String::from("# Written by core0 at every start of its redis-server.\n");
+    if !password.is_empty() {
+        text.push_str("requirepass \"");
+        for b in password.bytes() {
+            if b.is_ascii_alphanumeric() {
+                text.push(char::from(b));
+            } else {
+                text.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+        text.push_str("\"\n");
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(text.as_bytes()).map_err(io_err(path))
+}
+
 /// Adopts the node's live redis-server, or starts one bound to `listen` with `password`.
+/// `on_exit`, if given, is called (on a thread of its own) when that redis-server exits.
 /// Blocking: call from `spawn_blocking` or before the runtime starts.
 pub fn ensure(
     listen: &str,
     password: &str,
     data_dir: &Path,
     run_dir: &Path,
+    on_exit: Option<ExitHook>,
 ) -> Result<RedisServer, RedisServerError> {
     let (host, port) = split_host_port(listen).ok_or_else(|| RedisServerError::BadAddress {
         addr: listen.to_string(),
     })?;
+    let title = title_addr(&host, port);
     let pidf = pid_file(run_dir);
-    if let Some(pid) = read_pid(&pidf) {
-        if is_redis_server(pid) {
-            if answers(listen, password) {
-                tracing::info!(pid, addr = listen, "adopted running redis-server");
-                return Ok(RedisServer {
-                    pid,
-                    addr: listen.to_string(),
-                    password: password.to_string(),
-                    adopted: true,
-                });
+    if let Some(found) = PidFile::read(&pidf) {
+        let pid = found.rec.pid;
+        let here = is_node_redis(&found, &title);
+        if here && answers(listen, password) {
+            tracing::info!(pid, addr = listen, "adopted running redis-server");
+            // Rewritten in the current format (an older core0 may have written just the pid).
+            PidFile::write(&pidf, pid, &title)?;
+            if let Some(hook) = on_exit {
+                watch_adopted(Record::of(pid), hook);
             }
-            // Ours (its pid file is in our run dir) but unusable: replace it.
+            return Ok(RedisServer {
+                pid,
+                addr: listen.to_string(),
+                password: password.to_string(),
+                adopted: true,
+            });
+        }
+        let elsewhere = found
+            .addr
+            .as_deref()
+            .is_some_and(|a| a != title && is_node_redis(&found, a));
+        if here || elsewhere {
             tracing::warn!(
                 pid,
-                "redis-server of this node does not answer; restarting it"
+                "redis-server of this node does not answer on {listen}; restarting it"
             );
-            signal(pid, nix::sys::signal::Signal::SIGTERM);
-            if !wait_gone(pid, Duration::from_secs(3)) {
-                signal(pid, nix::sys::signal::Signal::SIGKILL);
-                wait_gone(pid, Duration::from_secs(2));
-            }
+            terminate(&found.rec);
+        } else if found.rec.is_same_process() && is_redis_server(pid) {
+            tracing::warn!(
+                pid,
+                "redis.pid names a redis-server that is not this node's; leaving it alone"
+            );
         }
         let _ = std::fs::remove_file(&pidf);
     }
     let dir = data_dir.join("redis");
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let log = dir.join("redis.log");
+    let conf = conf_file(run_dir);
+    write_conf(&conf, password)?;
     let mut cmd = Command::new("redis-server");
-    cmd.arg("--bind")
+    // The config file must come first; it holds the password.
+    cmd.arg(&conf)
+        .arg("--bind")
         .arg(&host)
         .arg("--port")
         .arg(port.to_string())
-        .arg("--requirepass")
-        .arg(password)
         .args([
             "--save",
             "",
@@ -235,8 +349,6 @@ pub fn ensure(
             "--protected-mode",
             "no",
         ])
-        .arg("--pidfile")
-        .arg(&pidf)
         .arg("--dir")
         .arg(&dir)
         .arg("--logfile")
@@ -257,18 +369,21 @@ pub fn ensure(
         .spawn()
         .map_err(|source| RedisServerError::Spawn { source })?;
     let pid = i32::try_from(child.id()).unwrap_or(0);
-    std::fs::write(&pidf, format!("{pid}\n")).map_err(io_err(&pidf))?;
-    let ready = wait_ready(&mut child, listen, password, &log);
+    let ready = PidFile::write(&pidf, pid, &title)
+        .and_then(|()| wait_ready(&mut child, listen, password, &log));
     if let Err(e) = ready {
         let _ = child.kill();
         let _ = child.wait();
         let _ = std::fs::remove_file(&pidf);
         return Err(e);
     }
-    // Reap it if it ever exits while this process lives.
+    // Reap it if it ever exits while this process lives, and tell the caller.
     std::thread::spawn(move || {
         let status = child.wait();
-        tracing::warn!(?status, "redis-server exited");
+        tracing::warn!(pid, ?status, "redis-server exited");
+        if let Some(hook) = on_exit {
+            hook(pid);
+        }
     });
     tracing::info!(pid, addr = listen, "started redis-server");
     Ok(RedisServer {
@@ -277,6 +392,56 @@ pub fn ensure(
         password: password.to_string(),
         adopted: false,
     })
+}
+
+/// Calls `hook` (on a thread of its own) once the adopted redis-server `rec` has exited.
+fn watch_adopted(rec: Record, hook: ExitHook) {
+    std::thread::spawn(move || {
+        wait_exit(&rec);
+        tracing::warn!(pid = rec.pid, "adopted redis-server exited");
+        // It is this process's child after a re-exec (safe reboot): reap it. Otherwise
+        // waitpid fails with ECHILD, harmlessly.
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(rec.pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        hook(rec.pid);
+    });
+}
+
+/// Blocks until the process `rec` has exited (a zombie counts as exited).
+fn wait_exit(rec: &Record) {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, rec.pid, 0) };
+    if let Ok(raw) = i32::try_from(raw)
+        && raw >= 0
+    {
+        // SAFETY: the descriptor was just returned by pidfd_open and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // The pid may have been reused between the caller's check and the open.
+        if !rec.is_same_process() {
+            return;
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd, which outlives the call.
+            let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if rc > 0 {
+                return;
+            }
+            if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break;
+            }
+        }
+    }
+    // No pidfd (kernel before 5.3): look now and then.
+    while rec.is_same_process() && is_redis_server(rec.pid) {
+        std::thread::sleep(EXIT_POLL);
+    }
 }
 
 fn wait_ready(
@@ -306,20 +471,193 @@ fn wait_ready(
 }
 
 /// Stops the node's redis-server named by `<run_dir>/redis.pid` (SIGTERM, then SIGKILL after
-/// 3 s). Returns whether one was running.
+/// 3 s), if that process is still it (see the module doc; for a pid file of the old format,
+/// its working directory must be the node's `<data_dir>/redis`). Returns whether one was
+/// running. The pid file is removed either way.
 pub fn stop(run_dir: &Path) -> bool {
     let pidf = pid_file(run_dir);
-    let Some(pid) = read_pid(&pidf) else {
+    let Some(found) = PidFile::read(&pidf) else {
         return false;
     };
-    let running = is_redis_server(pid);
-    if running {
-        signal(pid, nix::sys::signal::Signal::SIGTERM);
-        if !wait_gone(pid, Duration::from_secs(3)) {
-            signal(pid, nix::sys::signal::Signal::SIGKILL);
-            wait_gone(pid, Duration::from_secs(2));
+    let ours = match &found.addr {
+        Some(addr) => is_node_redis(&found, addr),
+        None => {
+            let dir = run_dir.parent().map(|d| d.join("redis"));
+            let cwd = std::fs::read_link(format!("/proc/{}/cwd", found.rec.pid)).ok();
+            is_redis_server(found.rec.pid) && dir.is_some() && cwd == dir
         }
+    };
+    if ours {
+        terminate(&found.rec);
+    } else if found.rec.is_same_process() {
+        tracing::warn!(
+            pid = found.rec.pid,
+            "redis.pid names a process that is not this node's redis-server; leaving it alone"
+        );
     }
     let _ = std::fs::remove_file(&pidf);
-    running
+    let _ = std::fs::remove_file(conf_file(run_dir));
+    ours
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_file_formats() {
+        assert_eq!(
+            PidFile::parse("42 777 127.0.0.1:6379\n"),
+            Some(PidFile {
+                rec: Record {
+                    pid: 42,
+                    starttime: Some(777)
+                },
+                addr: Some("127.0.0.1:6379".into())
+            })
+        );
+        assert_eq!(
+            PidFile::parse("42\n"),
+            Some(PidFile {
+                rec: Record {
+                    pid: 42,
+                    starttime: None
+                },
+                addr: None
+            })
+        );
+        assert_eq!(PidFile::parse("x"), None);
+    }
+
+    #[test]
+    fn conf_file_is_private_and_quotes_the_password() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("redis.conf");
+        std::fs::write(&f, "old").expect("stale file");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_conf(&f, "a b\"c").expect("write");
+        let text = std::fs::read_to_string(&f).expect("read");
+        assert!(text.contains("requirepass \"a\\x20b\\x22c\"\n"), "{text}");
+        let mode = std::fs::metadata(&f).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// Runs `ensure` on a free port in a temp dir; stops the server on drop.
+    struct Node {
+        dir: tempfile::TempDir,
+        listen: String,
+        password: String,
+    }
+
+    impl Node {
+        fn new() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::create_dir_all(dir.path().join("run")).expect("run dir");
+            Node {
+                dir,
+                listen: format!("127.0.0.1:{port}"),
+                password: "pw with space".into(),
+            }
+        }
+
+        fn run_dir(&self) -> PathBuf {
+            self.dir.path().join("run")
+        }
+
+        fn ensure(&self, hook: Option<ExitHook>) -> RedisServer {
+            ensure(
+                &self.listen,
+                &self.password,
+                self.dir.path(),
+                &self.run_dir(),
+                hook,
+            )
+            .expect("ensure")
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            stop(&self.run_dir());
+        }
+    }
+
+    #[test]
+    fn password_stays_off_the_command_line_and_adoption_checks_identity() {
+        let node = Node::new();
+        let first = node.ensure(None);
+        assert!(!first.adopted);
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", first.pid)).expect("cmdline");
+        let shown = String::from_utf8_lossy(&cmdline);
+        assert!(
+            !shown.contains("pw with space") && !shown.contains("pw"),
+            "{shown}"
+        );
+        assert!(title_names(first.pid, &node.listen), "{shown}");
+        assert!(answers(&node.listen, &node.password));
+
+        // Same node again: adopted.
+        let again = node.ensure(None);
+        assert!(again.adopted && again.pid == first.pid);
+
+        // A pid file naming the right process with a wrong starttime is not ours: the
+        // process is left alone (here it then cannot bind the port: the start fails).
+        let pidf = pid_file(&node.run_dir());
+        let st = Record::of(first.pid).starttime.expect("starttime");
+        std::fs::write(&pidf, format!("{} {} {}\n", first.pid, st + 1, node.listen))
+            .expect("forge pid file");
+        assert!(
+            !stop(&node.run_dir()),
+            "a mismatching record is not stopped"
+        );
+        assert!(is_redis_server(first.pid), "the process was left alone");
+        assert!(!pidf.exists(), "the stale record is removed");
+
+        // An old-format file (just the pid) naming it: accepted through the title.
+        std::fs::write(&pidf, format!("{}\n", first.pid)).expect("old pid file");
+        let adopted = node.ensure(None);
+        assert!(adopted.adopted && adopted.pid == first.pid);
+        let rewritten = PidFile::read(&pidf).expect("pid file");
+        assert_eq!(rewritten.rec.starttime, Some(st));
+        assert_eq!(rewritten.addr.as_deref(), Some(node.listen.as_str()));
+        assert!(stop(&node.run_dir()));
+        assert!(
+            !Record {
+                pid: first.pid,
+                starttime: Some(st)
+            }
+            .is_same_process()
+        );
+    }
+
+    #[test]
+    fn exit_hooks_fire_for_a_started_and_an_adopted_server() {
+        let node = Node::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t1 = tx.clone();
+        let started = node.ensure(Some(Box::new(move |pid| {
+            let _ = t1.send(("started", pid));
+        })));
+        let t2 = tx.clone();
+        let adopted = node.ensure(Some(Box::new(move |pid| {
+            let _ = t2.send(("adopted", pid));
+        })));
+        assert_eq!(started.pid, adopted.pid);
+        signal(started.pid, nix::sys::signal::Signal::SIGKILL);
+        let mut got = vec![
+            rx.recv_timeout(Duration::from_secs(5)).expect("first hook"),
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("second hook"),
+        ];
+        got.sort();
+        assert_eq!(
+            got,
+            vec![("adopted", started.pid), ("started", started.pid)]
+        );
+    }
 }

@@ -1,13 +1,14 @@
 //! The Redis side of the protocol: [`RedisPublisher`] writes flags, results and live output;
 //! [`consume`] pops Commands from `core:default` on a dedicated connection and hands them to the
-//! [`JobManager`].
+//! [`JobManager`]. Before the first pop, [`consume`] ends the flags a previous core0 left
+//! running (see [`end_orphaned_flags`]).
 
 use crate::jobs::{JobManager, Publish, PublishFuture};
 use grid_proto::commands::{
     QUEUE_DEFAULT, RESULT_TTL_SECS, STREAM_MAX_LEN, STREAM_TTL_SECS, flag_key, result_key,
     stream_key,
 };
-use grid_proto::wire::{Command, CommandResult, StreamRecord};
+use grid_proto::wire::{Command, CommandResult, State, StreamRecord, level};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Pipeline};
 use std::sync::Arc;
@@ -20,6 +21,16 @@ pub const BACKOFF: Duration = Duration::from_millis(200);
 const POP_TIMEOUT_SECS: u64 = 1;
 /// Attempts a publish makes before giving up (about 10 s with [`BACKOFF`]).
 const PUBLISH_ATTEMPTS: u32 = 50;
+/// Attempts of each last-resort step after a result could not be published.
+const FALLBACK_ATTEMPTS: u32 = 5;
+/// `MATCH` pattern of the flags, for the start-up sweep.
+const FLAG_PATTERN: &str = "result:*:flag";
+/// Keys `SCAN` looks at per call in the start-up sweep.
+const SCAN_COUNT: usize = 1000;
+/// Data (a JSON string) of the result published for a flag left by a previous core0.
+pub const ORPHAN_DATA: &str = "core0 restarted while the job was running; its output is lost";
+/// Data (a JSON string) of the result published when the real one could not be.
+pub const UNPUBLISHED_DATA: &str = "core0 could not publish the job's result; it is lost";
 
 /// Why a Redis operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +86,7 @@ pub async fn connect(
 pub struct RedisPublisher {
     client: Client,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    attempts: u32,
 }
 
 impl RedisPublisher {
@@ -83,7 +95,14 @@ impl RedisPublisher {
         Self {
             client,
             conn: tokio::sync::Mutex::new(None),
+            attempts: PUBLISH_ATTEMPTS,
         }
+    }
+
+    /// The same publisher giving up after `attempts` tries (at least one) instead of ~10 s.
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
+        self
     }
 
     async fn conn(&self) -> Result<MultiplexedConnection, TransportError> {
@@ -96,8 +115,17 @@ impl RedisPublisher {
         Ok(c)
     }
 
-    /// Runs `pipe`, retrying with a fresh connection on errors.
+    /// Runs `pipe`, retrying with a fresh connection on errors (about 10 s).
     pub async fn exec(&self, what: &str, pipe: &Pipeline) -> Result<(), TransportError> {
+        self.exec_tries(what, pipe, self.attempts).await
+    }
+
+    async fn exec_tries(
+        &self,
+        what: &str,
+        pipe: &Pipeline,
+        attempts: u32,
+    ) -> Result<(), TransportError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -113,7 +141,7 @@ impl RedisPublisher {
                 };
             match res {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt >= PUBLISH_ATTEMPTS => return Err(e),
+                Err(e) if attempt >= attempts => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "redis publish failed, retrying");
                     *self.conn.lock().await = None;
@@ -143,6 +171,141 @@ impl RedisPublisher {
     async fn run(&self, what: &str, pipe: Pipeline) -> Result<(), String> {
         self.exec(what, &pipe).await.map_err(|e| e.to_string())
     }
+
+    /// Publishes a final result; when that finally fails, makes sure the flag still gets its
+    /// TTL (so clients do not wait for ever) and tries to leave a small `ERROR` result.
+    async fn final_result(
+        &self,
+        what: &str,
+        r: &CommandResult,
+        replace: bool,
+    ) -> Result<(), String> {
+        let json = Self::encode_result(r)?;
+        let sent = self.run(what, final_pipe(&r.id, &json, replace)).await;
+        let Err(e) = sent else {
+            return Ok(());
+        };
+        tracing::error!(
+            id = %r.id,
+            error = %e,
+            "GIVING UP publishing the result of job {}: it is lost; ending its flag",
+            r.id
+        );
+        // On its own: a transaction holding a push that Redis refuses (out of memory, say)
+        // would be aborted as a whole.
+        let mut p = redis::pipe();
+        p.expire(flag_key(&r.id), RESULT_TTL_SECS).ignore();
+        let fallback = FALLBACK_ATTEMPTS.min(self.attempts);
+        if let Err(e2) = self.exec_tries("expire flag", &p, fallback).await {
+            tracing::error!(id = %r.id, error = %e2, "cannot end the flag of job {} either", r.id);
+        }
+        let small = error_result(&r.id, &r.command, &r.tags, UNPUBLISHED_DATA);
+        if let Ok(json) = Self::encode_result(&small)
+            && let Err(e2) = self
+                .exec_tries("fallback result", &final_pipe(&r.id, &json, true), fallback)
+                .await
+        {
+            tracing::error!(id = %r.id, error = %e2, "cannot publish a fallback result either");
+        }
+        Err(e)
+    }
+}
+
+/// The pipeline of a final result: the flag and the result get the 300 s TTL; `replace`
+/// empties the result list first.
+fn final_pipe(id: &str, json: &str, replace: bool) -> Pipeline {
+    let key = result_key(id);
+    let mut p = redis::pipe();
+    p.atomic().expire(flag_key(id), RESULT_TTL_SECS).ignore();
+    if replace {
+        p.del(&key).ignore();
+    }
+    p.rpush(&key, json)
+        .ignore()
+        .expire(&key, RESULT_TTL_SECS)
+        .ignore();
+    p
+}
+
+/// An `ERROR` result with `text` as its data (a JSON string, level 20), empty streams and no
+/// times.
+pub fn error_result(id: &str, command: &str, tags: &str, text: &str) -> CommandResult {
+    CommandResult {
+        id: id.to_string(),
+        command: command.to_string(),
+        data: serde_json::Value::String(text.to_string()).to_string(),
+        streams: Some([String::new(), String::new()]),
+        critical: String::new(),
+        level: level::RESULT_JSON,
+        state: State::Error,
+        starttime: 0,
+        time: 0,
+        tags: tags.to_string(),
+        container: 0,
+        code: None,
+    }
+}
+
+/// Ends every flag that still has no TTL (`result:<id>:flag` with TTL -1): at start-up the
+/// job table is empty, so such a flag belongs to a job of a previous core0 whose result will
+/// never come. Each gets an `ERROR` result ([`ORPHAN_DATA`]) and the usual 300 s TTLs.
+/// Walks the keys with `SCAN` (never `KEYS`). Ids for which `ours` holds (jobs this core0
+/// already runs) are left alone. Returns the ids it ended.
+pub async fn end_orphaned_flags(
+    conn: &mut MultiplexedConnection,
+    ours: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, TransportError> {
+    let failed = |what: &str| {
+        let what = what.to_string();
+        move |source| TransportError::Command { what, source }
+    };
+    let mut cursor: u64 = 0;
+    let mut ended = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(FLAG_PATTERN)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(conn)
+            .await
+            .map_err(failed("scan flags"))?;
+        for key in keys {
+            let Some(id) = key
+                .strip_prefix("result:")
+                .and_then(|k| k.strip_suffix(":flag"))
+            else {
+                continue;
+            };
+            if ours(id) {
+                continue;
+            }
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(&key)
+                .query_async(conn)
+                .await
+                .map_err(failed("ttl of a flag"))?;
+            if ttl != -1 {
+                continue;
+            }
+            let r = error_result(id, "", "", ORPHAN_DATA);
+            let json = serde_json::to_string(&r).map_err(|source| TransportError::Encode {
+                what: "result",
+                source,
+            })?;
+            final_pipe(id, &json, true)
+                .query_async::<()>(conn)
+                .await
+                .map_err(failed("orphaned flag result"))?;
+            tracing::warn!(id, "job of a previous core0 had no result: published ERROR");
+            ended.push(id.to_string());
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(ended);
+        }
+    }
 }
 
 impl Publish for RedisPublisher {
@@ -162,37 +325,11 @@ impl Publish for RedisPublisher {
     }
 
     fn result<'a>(&'a self, r: &'a CommandResult) -> PublishFuture<'a> {
-        Box::pin(async move {
-            let json = Self::encode_result(r)?;
-            let key = result_key(&r.id);
-            let mut p = redis::pipe();
-            p.atomic()
-                .expire(flag_key(&r.id), RESULT_TTL_SECS)
-                .ignore()
-                .rpush(&key, json)
-                .ignore()
-                .expire(&key, RESULT_TTL_SECS)
-                .ignore();
-            self.run("result", p).await
-        })
+        Box::pin(async move { self.final_result("result", r, false).await })
     }
 
     fn replace_result<'a>(&'a self, r: &'a CommandResult) -> PublishFuture<'a> {
-        Box::pin(async move {
-            let json = Self::encode_result(r)?;
-            let key = result_key(&r.id);
-            let mut p = redis::pipe();
-            p.atomic()
-                .expire(flag_key(&r.id), RESULT_TTL_SECS)
-                .ignore()
-                .del(&key)
-                .ignore()
-                .rpush(&key, json)
-                .ignore()
-                .expire(&key, RESULT_TTL_SECS)
-                .ignore();
-            self.run("replace result", p).await
-        })
+        Box::pin(async move { self.final_result("replace result", r, true).await })
     }
 
     fn duplicate<'a>(&'a self, r: &'a CommandResult) -> PublishFuture<'a> {
@@ -240,7 +377,8 @@ impl Publish for RedisPublisher {
 }
 
 /// Pops commands from `core:default` until `stop` turns true, submitting each to `jobs`.
-/// `ready` is told once the first connection is up. Redis errors are logged and retried.
+/// `ready` is told once the first connection is up and the flags a previous core0 left
+/// running have been ended ([`end_orphaned_flags`]). Redis errors are logged and retried.
 pub async fn consume(
     client: Client,
     jobs: Arc<JobManager>,
@@ -249,6 +387,7 @@ pub async fn consume(
 ) {
     let mut ready = ready;
     let mut conn: Option<MultiplexedConnection> = None;
+    let mut swept = false;
     while !*stop.borrow() {
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -264,6 +403,25 @@ pub async fn consume(
                 }
             }
         };
+        if !swept {
+            match end_orphaned_flags(c, |id| jobs.contains(id)).await {
+                Ok(ids) => {
+                    if !ids.is_empty() {
+                        tracing::warn!(
+                            count = ids.len(),
+                            "ended flags of jobs lost in a core0 restart"
+                        );
+                    }
+                    swept = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot sweep orphaned flags, retrying");
+                    conn = None;
+                    backoff(&mut stop).await;
+                    continue;
+                }
+            }
+        }
         if let Some(tx) = ready.take() {
             let _ = tx.send(());
         }
@@ -297,5 +455,133 @@ async fn backoff(stop: &mut watch::Receiver<bool>) {
     tokio::select! {
         _ = tokio::time::sleep(BACKOFF) => {}
         _ = stop.changed() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::AsyncCommands;
+
+    /// A redis-server on a free port, killed on drop.
+    struct Redis {
+        child: std::process::Child,
+        client: Client,
+    }
+
+    impl Redis {
+        fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let child = std::process::Command::new("/usr/bin/redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            let client = Client::open(format!("redis://127.0.0.1:{port}")).expect("redis url");
+            let r = Redis { child, client };
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            // Readiness poll: the server answers PING once it is up.
+            while r
+                .client
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_err()
+            {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "redis-server did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r
+        }
+
+        async fn conn(&self) -> MultiplexedConnection {
+            connect(&self.client, Some(Duration::from_secs(5)))
+                .await
+                .expect("connect")
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn orphaned_flags_get_an_error_result() {
+        let redis = Redis::start();
+        let mut c = redis.conn().await;
+        // More orphans than one SCAN call returns, a finished job, and an orphan that got a
+        // DUPILICATE_ID result pushed.
+        for i in 0..1500 {
+            let _: i64 = c
+                .rpush(flag_key(&format!("o{i}")), "")
+                .await
+                .expect("rpush");
+        }
+        let _: i64 = c.rpush(flag_key("done"), "").await.expect("rpush");
+        let _: bool = c.expire(flag_key("done"), 100).await.expect("expire");
+        let _: i64 = c.rpush(flag_key("dup"), "").await.expect("rpush");
+        let _: i64 = c.rpush(result_key("dup"), "{}").await.expect("rpush");
+
+        let _: i64 = c.rpush(flag_key("mine"), "").await.expect("rpush");
+        let mut ended = end_orphaned_flags(&mut c, |id| id == "mine")
+            .await
+            .expect("sweep");
+        ended.sort();
+        assert_eq!(ended.len(), 1501);
+        assert!(ended.contains(&"dup".to_string()) && !ended.contains(&"done".to_string()));
+
+        let items: Vec<String> = c.lrange(result_key("dup"), 0, -1).await.expect("lrange");
+        assert_eq!(items.len(), 1, "the result list is replaced");
+        let r: CommandResult = serde_json::from_str(&items[0]).expect("result json");
+        assert_eq!((r.id.as_str(), r.state, r.level), ("dup", State::Error, 20));
+        assert_eq!(r.json_data::<String>().expect("json string"), ORPHAN_DATA);
+        assert_eq!(r.streams, Some([String::new(), String::new()]));
+        assert_eq!(r.starttime, 0);
+        for key in [flag_key("o7"), result_key("o7"), flag_key("dup")] {
+            let ttl: i64 = c.ttl(&key).await.expect("ttl");
+            assert!(ttl > 290 && ttl <= 300, "{key} ttl {ttl}");
+        }
+        let ttl: i64 = c.ttl(flag_key("done")).await.expect("ttl");
+        assert!(ttl <= 100, "a finished job's flag is left alone");
+        let exists: bool = c.exists(result_key("done")).await.expect("exists");
+        assert!(!exists);
+        let ttl: i64 = c.ttl(flag_key("mine")).await.expect("ttl");
+        assert_eq!(ttl, -1, "a job of this core0 is left alone");
+        assert!(
+            end_orphaned_flags(&mut c, |id| id == "mine")
+                .await
+                .expect("sweep")
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_result_redis_refuses_still_ends_the_flag() {
+        let redis = Redis::start();
+        let mut c = redis.conn().await;
+        let publisher = RedisPublisher::new(redis.client.clone()).with_attempts(2);
+        publisher.flag("big").await.expect("flag");
+        // Every command that may grow memory is now refused (out of memory); EXPIRE is not.
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(1)
+            .query_async(&mut c)
+            .await
+            .expect("config set");
+        let r = error_result("big", "bash", "", "x");
+        assert!(publisher.result(&r).await.is_err());
+        let ttl: i64 = c.ttl(flag_key("big")).await.expect("ttl");
+        assert!(ttl > 290 && ttl <= 300, "flag ttl {ttl}");
     }
 }

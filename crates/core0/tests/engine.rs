@@ -384,7 +384,7 @@ fn duplicate_id_then_real_result_replaces_it() {
     let first = result(&mut c, "dup", 5);
     assert_eq!(
         (first.state, first.data.as_str()),
-        (State::DuplicateId, "\"duplicate job id\"")
+        (State::DuplicateId, "duplicate job id")
     );
     let flag_ttl: i64 = redis::cmd("TTL")
         .arg("result:dup:flag")
@@ -446,11 +446,13 @@ fn queue_runs_serially_and_deadline_drops() {
     assert_eq!(exists, 0);
 }
 
+/// The pid in `run/redis.pid` (`<pid> <starttime> <host:port>`).
 fn redis_pid(data: &Path) -> i32 {
     std::fs::read_to_string(data.join("run/redis.pid"))
         .expect("redis pid file")
-        .trim()
-        .parse()
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
         .expect("pid")
 }
 
@@ -572,4 +574,88 @@ fn sigterm_stops_core0_only_and_bad_args_exit_2() {
         .status()
         .expect("run");
     assert_eq!(bad.code(), Some(2));
+}
+
+#[test]
+fn restart_ends_the_flags_of_lost_jobs_with_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["--redis-listen", listen.as_str()];
+    let mut first = Core0::start(dir.path(), &args);
+    let password = std::fs::read_to_string(dir.path().join("redis.password")).expect("password");
+    let mut c = connect(&format!("redis://:{}@{listen}", password.trim()));
+    push(
+        &mut c,
+        json!({"id": "lost", "command": "bash", "arguments": {"script": "sleep 300"}}),
+    );
+    wait_flag(&mut c, "lost");
+    let job = job_pid(&mut c, "lost");
+    first.child.kill().expect("sigkill core0");
+    first.child.wait().expect("reap core0");
+    first.teardown = false; // the second core0's guard cleans up
+    drop(first);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("result:lost:flag")
+        .query(&mut c)
+        .expect("ttl");
+    assert_eq!(ttl, -1, "the lost job looks as if it ran for ever");
+
+    let _second = Core0::start(dir.path(), &args);
+    // The sweep runs before core0 reports ready.
+    let r = result(&mut c, "lost", 5);
+    assert_eq!((r.state, r.level, r.starttime), (State::Error, 20, 0));
+    let data: String = r.json_data().expect("json string data");
+    assert_eq!(
+        data,
+        "core0 restarted while the job was running; its output is lost"
+    );
+    assert_eq!(r.streams, Some([String::new(), String::new()]));
+    for key in ["result:lost:flag", "result:lost"] {
+        let ttl: i64 = redis::cmd("TTL").arg(key).query(&mut c).expect("ttl");
+        assert!(ttl > 290 && ttl <= 300, "{key} ttl {ttl}");
+    }
+    assert!(
+        is_alive(job),
+        "host jobs are not adopted, but not killed either"
+    );
+}
+
+#[test]
+fn own_redis_is_started_again_when_it_dies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _core = Core0::start(dir.path(), &["--redis-listen", listen.as_str()]);
+    let password = std::fs::read_to_string(dir.path().join("redis.password")).expect("password");
+    let url = format!("redis://:{}@{listen}", password.trim());
+    let old = redis_pid(dir.path());
+    let cmdline = std::fs::read(format!("/proc/{old}/cmdline")).expect("redis cmdline");
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(password.trim()),
+        "the password is not on redis-server's command line"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("sigkill redis-server");
+    // core0 starts a new one on the same address: once it answers, commands run again.
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut c = loop {
+        let client = redis::Client::open(url.as_str()).expect("redis url");
+        if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200))
+            && redis::cmd("PING").query::<String>(&mut c).is_ok()
+        {
+            break c;
+        }
+        assert!(Instant::now() < until, "no redis-server came back");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let new = redis_pid(dir.path());
+    assert_ne!(new, old);
+    assert!(is_alive(new));
+    push(
+        &mut c,
+        json!({"id": "after", "command": "core.ping", "arguments": {}}),
+    );
+    assert_eq!(result(&mut c, "after", 15).state, State::Success);
 }

@@ -199,22 +199,27 @@ pub async fn stream_job(
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
     let job = job_id(&jobid)?;
     let client = s.node(&nodeid).await?;
+    // A job with a reader, or still running, is followed live. One that ended is replayed from
+    // its result (complete, unlike records a stopped reader may have taken); only without a
+    // result are its leftover records read.
     let live = s.streams.is_reading(&nodeid, job.as_str())
         || client
             .is_running(job.as_str())
             .await
-            .map_err(|e| ApiError::from_client(&nodeid, e))?
-        || sse::has_stream_records(&client, job.as_str())
-            .await
             .map_err(|e| ApiError::from_client(&nodeid, e))?;
     let events: sse::EventStream = if live {
         s.streams.subscribe(&nodeid, job.as_str(), client)
-    } else {
-        let result = find_job(&s, &client, &nodeid, &job)
-            .await?
-            .ok_or_else(|| not_found(&nodeid, &jobid))?;
+    } else if let Some(result) = find_job(&s, &client, &nodeid, &job).await? {
         Box::pin(futures::stream::iter(sse::replay(&result)))
+    } else if sse::has_stream_records(&client, job.as_str())
+        .await
+        .map_err(|e| ApiError::from_client(&nodeid, e))?
+    {
+        s.streams.subscribe(&nodeid, job.as_str(), client)
+    } else {
+        return Err(not_found(&nodeid, &jobid));
     };
+    let events = sse::until_shutdown(events, s.shutdown.clone());
     let stream =
         events.map(|ev: StreamEvent| Ok(Event::default().event(ev.name()).data(ev.data())));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))

@@ -15,6 +15,7 @@ use crate::archive::Archive;
 use crate::auth::{self, Authenticator};
 use crate::error::{ApiError, ApiResult};
 use crate::reconcile::nodes::NodesController;
+use crate::shutdown::Shutdown;
 use crate::store::StateStore;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub streams: sse::StreamHub,
     /// Tokens accepted by `POST /nodes/join`.
     pub join_tokens: Arc<Vec<String>>,
+    /// Triggered when the server shuts down: open SSE streams end on it.
+    pub shutdown: Shutdown,
 }
 
 impl std::fmt::Debug for AppState {
@@ -74,6 +77,7 @@ impl AppState {
             auth,
             archive,
             join_tokens: Arc::new(join_tokens),
+            shutdown: Shutdown::new(),
         }
     }
 

@@ -36,12 +36,14 @@ fn unknown_node(id: &str) -> ApiError {
 /// The node controller's connection is reused; before its first health check (a node that has
 /// just joined) or after it lost the node, a connection is tried here.
 pub(crate) async fn node_client(s: &AppState, id: &str) -> ApiResult<NodeClient> {
-    let spec = registry::node_spec(s.store.as_ref(), id)
-        .await?
-        .ok_or_else(|| unknown_node(id))?;
+    // The controller holds a connection only for registered nodes (it drops it when the node's
+    // record is deleted), so the hot path needs no store read.
     if let Some(c) = s.nodes.client(id) {
         return Ok(c);
     }
+    let spec = registry::node_spec(s.store.as_ref(), id)
+        .await?
+        .ok_or_else(|| unknown_node(id))?;
     let password = Some(spec.redis_password.as_str()).filter(|p| !p.is_empty());
     NodeClient::connect(&spec.redis_addr, password)
         .await

@@ -58,15 +58,45 @@ async fn find_process(client: &NodeClient, node: &str, pid: i64) -> ApiResult<Op
     }
 }
 
+/// Sends `signal` to `pid`. When the node refuses, the process is looked up again: gone (it ended
+/// between the lookup and the signal) → `404`; not permitted → `409`; else the node's error.
 async fn signal(client: &NodeClient, node: &str, pid: i64, signal: i32) -> ApiResult<()> {
     if pid <= 1 {
         return Err(ApiError::BadRequest(format!(
             "refusing to signal process {pid}"
         )));
     }
-    let args = ProcessKillArgs { pid, signal };
-    let _: serde_json::Value = call_json(client, node, PROCESS_KILL, &args).await?;
-    Ok(())
+    let args = serde_json::to_value(ProcessKillArgs { pid, signal }).map_err(ApiError::internal)?;
+    match client
+        .call_json::<serde_json::Value>(PROCESS_KILL, args, super::CALL_TIMEOUT)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(ClientError::Failed { message, .. }) => {
+            let gone = find_process(client, node, pid).await?.is_none();
+            Err(signal_refused(node, pid, signal, &message, gone))
+        }
+        Err(e) => Err(ApiError::from_client(node, e)),
+    }
+}
+
+/// The answer to a `process.kill` the node refused with `message`; `gone`: the process no longer
+/// exists. The texts are core0's (`procs::ProcError`).
+fn signal_refused(node: &str, pid: i64, signal: i32, message: &str, gone: bool) -> ApiError {
+    if gone || message.ends_with("not found") {
+        not_found(node, pid)
+    } else if message.starts_with("not permitted") {
+        ApiError::Conflict(format!(
+            "node {node} is not permitted to send signal {signal} to process {pid} \
+             (the process belongs to another user or is protected)"
+        ))
+    } else if message.starts_with("invalid signal") {
+        ApiError::BadRequest(format!("signal {signal} is not valid on node {node}"))
+    } else {
+        ApiError::Internal(format!(
+            "node {node}: process.kill of {pid} with signal {signal}: {message}"
+        ))
+    }
 }
 
 /// List the OS processes of a node.
@@ -189,6 +219,7 @@ pub async fn get_process(
         (status = 204, description = "The process is gone"),
         (status = 400, description = "Process id is not a positive integer", body = ErrorBody),
         (status = 404, description = "Unknown node or process", body = ErrorBody),
+        (status = 409, description = "The node may not signal the process", body = ErrorBody),
         (status = 503, description = "Node unreachable", body = ErrorBody),
         (status = 504, description = "Node too slow", body = ErrorBody),
     )
@@ -212,11 +243,8 @@ pub async fn kill_process(
         }
     }
     match signal(&client, &nodeid, pid, 9).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
-        // It ended between the last look and the SIGKILL.
-        Err(_) if find_process(&client, &nodeid, pid).await?.is_none() => {
-            Ok(StatusCode::NO_CONTENT)
-        }
+        // Not found: it ended between the last look and the SIGKILL.
+        Ok(()) | Err(ApiError::NotFound(_)) => Ok(StatusCode::NO_CONTENT),
         Err(e) => Err(e),
     }
 }
@@ -233,6 +261,7 @@ pub async fn kill_process(
         (status = 204, description = "Signal sent"),
         (status = 400, description = "Invalid body or process id", body = ErrorBody),
         (status = 404, description = "Unknown node or process", body = ErrorBody),
+        (status = 409, description = "The node may not signal the process", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 503, description = "Node unreachable", body = ErrorBody),
@@ -269,5 +298,31 @@ mod tests {
         assert!(parse_pid("abc").is_err());
         assert!(parse_pid("0").is_err());
         assert!(parse_pid("-3").is_err());
+    }
+
+    #[test]
+    fn refused_signals_map_to_client_statuses() {
+        let status =
+            |message: &str, gone: bool| signal_refused("n1", 42, 15, message, gone).status();
+        // The process ended between the lookup and the signal.
+        assert_eq!(status("process 42 not found", false), StatusCode::NOT_FOUND);
+        assert_eq!(
+            status("cannot signal process 42: EIO", true),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status("not permitted to signal process 42", false),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(status("invalid signal 15", false), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status("cannot signal process 42: EIO", false),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            signal_refused("n1", 42, 15, "not permitted to signal process 42", false).to_string(),
+            "node n1 is not permitted to send signal 15 to process 42 \
+             (the process belongs to another user or is protected)"
+        );
     }
 }

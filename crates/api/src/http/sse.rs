@@ -5,9 +5,13 @@
 //! tokio broadcast channel to all subscribers, and keeps what it read so a late subscriber gets
 //! the lines from the start. Events: `stdout` and `stderr` (one line each as data), then `exit`
 //! with `{"state": "<api state>", "code": <int|null>}` taken from the job's result. A job that
-//! ended long ago (its stream list is gone) is replayed from its result.
+//! ended is replayed from its result. A reader nobody listens to for [`IDLE`] stops and drops
+//! what it kept; a later subscriber starts a new one. When the server shuts down, every open
+//! stream ends with an `error` event ([`until_shutdown`]).
 
 use crate::archive::Archive;
+use crate::shutdown::Shutdown;
+use futures::StreamExt;
 use grid_client::{ClientError, NodeClient};
 use grid_proto::api::JobResult;
 use grid_proto::commands::stream_key;
@@ -18,13 +22,16 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 
 /// Events kept per job for late subscribers.
 const HISTORY: usize = 4000;
 /// Capacity of the fan-out channel (a slower subscriber skips lines).
 const CHANNEL: usize = 1024;
 /// One `BLPOP` wait of the reader.
-const POLL: Duration = Duration::from_secs(5);
+pub const POLL: Duration = Duration::from_secs(5);
+/// How long a reader goes on without any subscriber before it stops.
+pub const IDLE: Duration = Duration::from_secs(30);
 /// How long the reader waits for the result after the exit marker.
 const RESULT_WAIT: Duration = Duration::from_secs(30);
 
@@ -132,6 +139,8 @@ type Key = (String, String);
 pub struct StreamHub {
     jobs: Arc<Mutex<HashMap<Key, Arc<JobStream>>>>,
     archive: Archive,
+    poll: Duration,
+    idle: Duration,
 }
 
 impl std::fmt::Debug for StreamHub {
@@ -154,7 +163,33 @@ impl StreamHub {
         Self {
             jobs: Arc::new(Mutex::new(HashMap::new())),
             archive,
+            poll: POLL,
+            idle: IDLE,
         }
+    }
+
+    /// Sets the reader's `BLPOP` wait and how long it goes on without subscribers (defaults
+    /// [`POLL`] and [`IDLE`]; tests shorten them).
+    pub fn with_timing(mut self, poll: Duration, idle: Duration) -> Self {
+        self.poll = poll;
+        self.idle = idle;
+        self
+    }
+
+    /// Removes the entry of `key` if it still is `js` (a stopped reader never removes its
+    /// successor). With `only_unheard`, only when nobody is subscribed; returns whether it did.
+    fn retire(&self, key: &Key, js: &Arc<JobStream>, only_unheard: bool) -> bool {
+        let Ok(mut jobs) = self.jobs.lock() else {
+            return false;
+        };
+        // Subscribers subscribe under this lock, so the count cannot grow meanwhile.
+        if only_unheard && js.tx.receiver_count() > 0 {
+            return false;
+        }
+        if jobs.get(key).is_some_and(|cur| Arc::ptr_eq(cur, js)) {
+            jobs.remove(key);
+        }
+        true
     }
 
     /// Whether a reader is live for this job.
@@ -169,11 +204,11 @@ impl StreamHub {
     /// starting a reader when there is none.
     pub fn subscribe(&self, node: &str, job: &str, client: NodeClient) -> EventStream {
         let key = (node.to_string(), job.to_string());
-        let js = {
+        let (past, rx) = {
             let Ok(mut jobs) = self.jobs.lock() else {
                 return ended(vec![StreamEvent::Error("stream hub is unavailable".into())]);
             };
-            match jobs.get(&key) {
+            let js = match jobs.get(&key) {
                 Some(js) => js.clone(),
                 None => {
                     let (tx, _) = broadcast::channel(CHANNEL);
@@ -186,15 +221,10 @@ impl StreamHub {
                     let reader = js.clone();
                     tokio::spawn(async move {
                         hub.read(&key, client, &reader).await;
-                        if let Ok(mut jobs) = hub.jobs.lock() {
-                            jobs.remove(&key);
-                        }
                     });
                     js
                 }
-            }
-        };
-        let (past, rx) = {
+            };
             let Ok(h) = js.history.lock() else {
                 return ended(vec![StreamEvent::Error("stream hub is unavailable".into())]);
             };
@@ -202,7 +232,8 @@ impl StreamHub {
             if h.finished {
                 return ended(past);
             }
-            // Subscribed under the history lock: nothing is missed or doubled.
+            // Subscribed under the history lock: nothing is missed or doubled; and under the
+            // hub's lock: the reader cannot stop for want of subscribers meanwhile.
             (past, js.tx.subscribe())
         };
         let live = futures::stream::unfold((rx, false), |(mut rx, done)| async move {
@@ -225,16 +256,42 @@ impl StreamHub {
         Box::pin(futures::StreamExt::chain(futures::stream::iter(past), live))
     }
 
-    async fn read(&self, (node, job): &Key, client: NodeClient, js: &JobStream) {
+    /// Reads the job's records until it ends (then retires its entry), or until nobody has
+    /// listened for the idle time (then the entry goes first, and with it what it kept).
+    async fn read(&self, key: &Key, client: NodeClient, js: &Arc<JobStream>) {
+        let last = self.read_until_end(key, client, js).await;
+        if let Some(ev) = last {
+            js.push(ev);
+            self.retire(key, js, false);
+        }
+    }
+
+    /// The loop of [`StreamHub::read`]: the last event, or `None` when it stopped unheard.
+    async fn read_until_end(
+        &self,
+        key: &Key,
+        client: NodeClient,
+        js: &Arc<JobStream>,
+    ) -> Option<StreamEvent> {
+        let (node, job) = key;
+        let mut unheard_since: Option<Instant> = None;
         loop {
-            match client.next_stream_record(job, POLL).await {
+            if js.tx.receiver_count() == 0 {
+                let since = *unheard_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.idle && self.retire(key, js, true) {
+                    tracing::debug!(node, job, "no subscriber left, job stream reader stops");
+                    return None;
+                }
+            } else {
+                unheard_since = None;
+            }
+            match client.next_stream_record(job, self.poll).await {
                 Ok(Some(rec)) => {
                     if rec.message.is_exit() {
-                        js.push(
+                        return Some(
                             self.final_event(node, job, &client, Some(rec.message.meta))
                                 .await,
                         );
-                        return;
                     }
                     match rec.message.level() {
                         level::STDOUT => js.push(StreamEvent::Stdout(rec.message.message)),
@@ -244,20 +301,11 @@ impl StreamHub {
                 }
                 Ok(None) => match client.is_running(job).await {
                     Ok(true) => {}
-                    Ok(false) => {
-                        // Ended without (or after losing) its exit marker.
-                        js.push(self.final_event(node, job, &client, None).await);
-                        return;
-                    }
-                    Err(e) => {
-                        js.push(lost(node, &e));
-                        return;
-                    }
+                    // Ended without (or after losing) its exit marker.
+                    Ok(false) => return Some(self.final_event(node, job, &client, None).await),
+                    Err(e) => return Some(lost(node, &e)),
                 },
-                Err(e) => {
-                    js.push(lost(node, &e));
-                    return;
-                }
+                Err(e) => return Some(lost(node, &e)),
             }
         }
     }
@@ -290,6 +338,29 @@ impl StreamHub {
             },
         }
     }
+}
+
+/// `events`, cut short by the server's shutdown with an `error` event, so an open stream never
+/// holds the graceful shutdown up.
+pub fn until_shutdown(events: EventStream, shutdown: Shutdown) -> EventStream {
+    Box::pin(futures::stream::unfold(
+        Some((events, shutdown)),
+        |state| async move {
+            let (mut events, shutdown) = state?;
+            tokio::select! {
+                biased;
+                () = shutdown.wait() => Some((
+                    StreamEvent::Error("grid-api is shutting down".to_string()),
+                    None,
+                )),
+                ev = events.next() => {
+                    let ev = ev?;
+                    let more = !ev.is_last();
+                    Some((ev, more.then_some((events, shutdown))))
+                }
+            }
+        },
+    ))
 }
 
 fn lost(node: &str, e: &ClientError) -> StreamEvent {
@@ -342,5 +413,38 @@ mod tests {
         );
         assert_eq!(evs[3].data(), r#"{"state":"error","code":3}"#);
         assert_eq!(StreamEvent::Stdout("x\ry".into()).data(), "xy");
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_an_open_stream_with_an_error() {
+        let shutdown = Shutdown::new();
+        let open: EventStream = Box::pin(
+            futures::stream::iter(vec![StreamEvent::Stdout("a".into())])
+                .chain(futures::stream::pending()),
+        );
+        let mut events = until_shutdown(open, shutdown.clone());
+        assert_eq!(events.next().await, Some(StreamEvent::Stdout("a".into())));
+        shutdown.trigger();
+        assert_eq!(
+            events.next().await,
+            Some(StreamEvent::Error("grid-api is shutting down".into()))
+        );
+        assert_eq!(events.next().await, None);
+
+        // A stream that ends by itself is passed through as it is.
+        let done: EventStream = Box::pin(futures::stream::iter(replay(&JobResult {
+            id: "j".into(),
+            name: "core.system".into(),
+            level: 0,
+            start_time: 0,
+            stdout: "a\n".into(),
+            stderr: String::new(),
+            state: "success".into(),
+            data: String::new(),
+            code: Some(0),
+        })));
+        let all: Vec<StreamEvent> = until_shutdown(done, Shutdown::new()).collect().await;
+        assert_eq!(all.len(), 2);
+        assert!(all[1].is_last());
     }
 }

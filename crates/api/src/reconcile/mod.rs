@@ -1,7 +1,8 @@
 //! The apply loop: the only code that changes nodes for managed resources.
 //!
 //! Handlers write a desired record (`desired/<kind>/<name>`, JSON [`Desired`] with a new
-//! generation) and wait for its outcome with [`wait_observed`]. A [`Reconciler`] runs one task
+//! generation from the name's counter at `generations/<kind>/<name>`, which outlives deletes) and
+//! wait for its outcome with [`wait_observed`]. A [`Reconciler`] runs one task
 //! per [`Controller`]: it lists and watches the controller's `desired/<kind>/` prefix, calls
 //! [`Controller::apply`] for every change (one apply at a time per name, several names at once,
 //! bounded), re-applies every record each [`Controller::resync_interval`], and records the
@@ -12,7 +13,8 @@
 pub mod nodes;
 
 use crate::store::{
-    StateStore, StoreError, Versioned, WatchEventKind, cas_json, decode_json, get_json, put_json,
+    Compare, Op, StateStore, StoreError, Txn, Versioned, WatchEventKind, decode_json, get_json,
+    put_json,
 };
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -32,6 +34,10 @@ const MAX_CAS_ATTEMPTS: usize = 64;
 
 /// Wait before listing again after the store failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Longest an apply may take unless its controller says otherwise
+/// ([`Controller::apply_timeout`]).
+pub const DEFAULT_APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Status recorded when an apply failed.
 pub const STATUS_ERROR: &str = "error";
@@ -75,6 +81,17 @@ pub enum ApplyError {
         node: String,
         /// What failed.
         message: String,
+    },
+    /// The apply did not finish in time and was abandoned (it runs again on the next change or
+    /// resync: applies are idempotent).
+    #[error("apply of {kind}/{name} did not finish within {} s", after.as_secs_f64())]
+    TimedOut {
+        /// The controller's kind.
+        kind: &'static str,
+        /// The resource.
+        name: String,
+        /// The controller's apply timeout.
+        after: Duration,
     },
     /// The apply failed for a reason of the controller's.
     #[error("{0}")]
@@ -171,6 +188,12 @@ pub trait Controller: Send + Sync + 'static {
 
     /// How often every record is applied again when nothing changed.
     fn resync_interval(&self) -> Duration;
+
+    /// How long one apply may take before it is abandoned and [`ApplyError::TimedOut`] recorded,
+    /// so a stuck node never freezes a name's worker.
+    fn apply_timeout(&self) -> Duration {
+        DEFAULT_APPLY_TIMEOUT
+    }
 }
 
 /// `desired/<kind>/`.
@@ -181,6 +204,12 @@ pub fn desired_prefix(kind: &str) -> String {
 /// `desired/<kind>/<name>`.
 pub fn desired_key(kind: &str, name: &str) -> String {
     format!("desired/{kind}/{name}")
+}
+
+/// `generations/<kind>/<name>`: the last generation given to a name (JSON number). It outlives
+/// the desired record, so a generation is never reused for a name, even across a delete.
+pub fn generation_key(kind: &str, name: &str) -> String {
+    format!("generations/{kind}/{name}")
 }
 
 /// `observed/<kind>/`.
@@ -224,8 +253,10 @@ pub async fn get_observed(
 /// generation, with a compare-and-swap: [`StoreError::Conflict`] when it changed meanwhile.
 /// Returns the new generation.
 ///
-/// A new record's generation continues after any observed record left from a deleted one, so a
-/// waiter never mistakes the old outcome for the new one.
+/// The generation comes from the name's counter at [`generation_key`], bumped in the same
+/// transaction and kept when the record is deleted, so a generation is never reused for a name
+/// and a waiter never mistakes an old outcome for the new one. (It also continues after any
+/// observed record left from before the counter existed.)
 pub async fn cas_desired(
     store: &dyn StateStore,
     kind: &str,
@@ -234,17 +265,68 @@ pub async fn cas_desired(
     spec: Value,
 ) -> Result<u64, ReconcileError> {
     let key = desired_key(kind, name);
-    let (generation, expected) = match current {
-        Some(cur) => (cur.value.generation + 1, cur.mod_revision),
+    let gen_key = generation_key(kind, name);
+    let counter = get_json::<u64>(store, &gen_key).await?;
+    let expected = current.map_or(0, |c| c.mod_revision);
+    let mut last = counter.as_ref().map_or(0, |c| c.value);
+    match current {
+        Some(cur) => last = last.max(cur.value.generation),
         None => {
-            let seen = get_observed(store, kind, name)
-                .await?
-                .map_or(0, |o| o.observed_generation);
-            (seen + 1, 0)
+            if let Some(o) = get_observed(store, kind, name).await? {
+                last = last.max(o.observed_generation);
+            }
+        }
+    }
+    let generation = last + 1;
+    let counter_rev = counter.as_ref().map_or(0, |c| c.mod_revision);
+    let json = |k: &str, v: Result<Vec<u8>, serde_json::Error>| {
+        v.map_err(|source| StoreError::Json {
+            key: k.to_string(),
+            source,
+        })
+    };
+    let txn = Txn {
+        compares: vec![
+            Compare {
+                key: key.clone(),
+                mod_revision: expected,
+            },
+            Compare {
+                key: gen_key.clone(),
+                mod_revision: counter_rev,
+            },
+        ],
+        success: vec![
+            Op::Put {
+                value: json(&key, serde_json::to_vec(&Desired { generation, spec }))?,
+                key: key.clone(),
+            },
+            Op::Put {
+                value: json(&gen_key, serde_json::to_vec(&generation))?,
+                key: gen_key.clone(),
+            },
+        ],
+        failure: Vec::new(),
+    };
+    if store.txn(txn).await?.succeeded {
+        return Ok(generation);
+    }
+    // Name the key that changed meanwhile.
+    let actual = store.get(&key).await?.map_or(0, |kv| kv.mod_revision);
+    let conflict = if actual != expected {
+        StoreError::Conflict {
+            key,
+            expected,
+            actual,
+        }
+    } else {
+        StoreError::Conflict {
+            actual: store.get(&gen_key).await?.map_or(0, |kv| kv.mod_revision),
+            key: gen_key,
+            expected: counter_rev,
         }
     };
-    cas_json(store, &key, expected, &Desired { generation, spec }).await?;
-    Ok(generation)
+    Err(conflict.into())
 }
 
 /// Writes `spec` as the desired state of `<kind>/<name>` with a new generation and returns it.
@@ -661,7 +743,16 @@ async fn apply_once(ctx: &Ctx, name: &str, desired: Option<&Desired>, last: &mut
     let kind = ctx.controller.kind();
     let store = &*ctx.store;
     let key = observed_key(kind, name);
-    let outcome = ctx.controller.apply(name, desired).await;
+    let after = ctx.controller.apply_timeout();
+    let outcome = tokio::time::timeout(after, ctx.controller.apply(name, desired))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApplyError::TimedOut {
+                kind,
+                name: name.to_string(),
+                after,
+            })
+        });
     if last.is_none() {
         // First apply of this worker: compare with what an earlier worker or process recorded.
         match get_json::<Observed>(store, &key).await {

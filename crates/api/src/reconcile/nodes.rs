@@ -384,8 +384,12 @@ impl NodesController {
                 Ok(_) => Ok(c),
                 Err(e) => {
                     // Keep a healthy connection when only the agent is silent.
-                    let keep =
-                        !matches!(e, ClientError::Connect { .. } | ClientError::Redis { .. });
+                    let keep = !matches!(
+                        e,
+                        ClientError::Connect { .. }
+                            | ClientError::Redis { .. }
+                            | ClientError::Unresponsive { .. }
+                    );
                     Err((e.to_string(), keep.then_some(c)))
                 }
             },

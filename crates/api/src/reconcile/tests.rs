@@ -17,6 +17,7 @@ struct Fake {
     calls: mpsc::UnboundedSender<(String, Option<u64>)>,
     gate: Arc<Semaphore>,
     resync: Duration,
+    apply_timeout: Duration,
     in_flight: Mutex<HashMap<String, usize>>,
     max_in_flight_per_name: Mutex<usize>,
 }
@@ -78,6 +79,10 @@ impl Controller for Fake {
     fn resync_interval(&self) -> Duration {
         self.resync
     }
+
+    fn apply_timeout(&self) -> Duration {
+        self.apply_timeout
+    }
 }
 
 struct Setup {
@@ -88,6 +93,10 @@ struct Setup {
 }
 
 fn setup(resync: Duration) -> Setup {
+    setup_with(resync, DEFAULT_APPLY_TIMEOUT)
+}
+
+fn setup_with(resync: Duration, apply_timeout: Duration) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = RedbStore::open(&dir.path().join("s.redb")).expect("open store");
     let (tx, calls) = mpsc::unbounded_channel();
@@ -95,6 +104,7 @@ fn setup(resync: Duration) -> Setup {
         calls: tx,
         gate: Arc::new(Semaphore::new(0)),
         resync,
+        apply_timeout,
         in_flight: Mutex::new(HashMap::new()),
         max_in_flight_per_name: Mutex::new(0),
     });
@@ -331,4 +341,97 @@ async fn concurrent_writers_get_distinct_generations() {
     }
     gens.sort_unstable();
     assert_eq!(gens, (1..=8).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn a_stuck_apply_times_out_as_an_apply_error() {
+    let mut s = setup_with(Duration::from_secs(60), Duration::from_millis(200));
+    let handle = s.spawn();
+    let store = s.store.clone();
+    let g = write_desired(&*store, KIND, "stuck", json!({"block": true}))
+        .await
+        .expect("write");
+    match wait_observed(&*store, KIND, "stuck", g, WAIT).await {
+        Err(WaitError::Failed(msg)) => {
+            assert_eq!(msg, "apply of fake/stuck did not finish within 0.2 s");
+        }
+        other => panic!("expected the timeout as apply error, got {other:?}"),
+    }
+    let o = get_observed(&*store, KIND, "stuck")
+        .await
+        .expect("get")
+        .expect("recorded");
+    assert_eq!(
+        (o.status.as_str(), o.observed_generation),
+        (STATUS_ERROR, g)
+    );
+    // The name's worker is free again: the next change is applied.
+    let g2 = write_desired(&*store, KIND, "stuck", json!({}))
+        .await
+        .expect("write");
+    s.expect_call(("stuck", Some(g2))).await;
+    let o = wait_observed(&*store, KIND, "stuck", g2, WAIT)
+        .await
+        .expect("applied after the timeout");
+    assert_eq!(o.error, None);
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn generations_are_never_reused_across_a_delete() {
+    let s = setup(Duration::from_secs(60));
+    let store = &*s.store;
+    // Without a reconciler no observed record is ever written: only the counter remembers.
+    assert_eq!(
+        write_desired(store, KIND, "d", json!({}))
+            .await
+            .expect("write"),
+        1
+    );
+    assert_eq!(
+        write_desired(store, KIND, "d", json!({"v": 2}))
+            .await
+            .expect("write"),
+        2
+    );
+    assert!(delete_desired(store, KIND, "d").await.expect("delete"));
+    assert_eq!(
+        write_desired(store, KIND, "d", json!({}))
+            .await
+            .expect("write"),
+        3
+    );
+    assert_eq!(
+        get_json::<u64>(store, &generation_key(KIND, "d"))
+            .await
+            .expect("get")
+            .map(|v| v.value),
+        Some(3)
+    );
+    // Another name has its own counter.
+    assert_eq!(
+        write_desired(store, KIND, "e", json!({}))
+            .await
+            .expect("write"),
+        1
+    );
+
+    // With the reconciler: the observed record is removed on delete, the next generation still
+    // goes on, and its outcome is waited for (not taken from the old one).
+    let handle = s.spawn();
+    let store = s.store.clone();
+    wait_observed(&*store, KIND, "d", 3, WAIT)
+        .await
+        .expect("observed");
+    assert!(delete_desired(&*store, KIND, "d").await.expect("delete"));
+    s.expect_observed_removed("d").await;
+    let g = write_desired(&*store, KIND, "d", json!({"v": 4}))
+        .await
+        .expect("write");
+    assert_eq!(g, 4);
+    let o = wait_observed(&*store, KIND, "d", g, WAIT)
+        .await
+        .expect("observed");
+    assert_eq!(o.data, json!({"spec": {"v": 4}}));
+    handle.shutdown().await;
 }

@@ -113,8 +113,31 @@ impl Children {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.spawn_with_env(name, program, args, std::iter::empty::<(&str, &str)>())
+    }
+
+    /// Like [`Children::spawn`], with environment variables added to ours. Secrets go here, not
+    /// in `args`: a command line is readable by every user (`/proc/<pid>/cmdline`), an
+    /// environment only by the process's owner.
+    pub fn spawn_with_env<I, S, E, K, V>(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: I,
+        envs: E,
+    ) -> Result<(), ChildError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+        E: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
         let mut cmd = Command::new(program);
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args)
+            .envs(envs)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         prepare(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| ChildError::Spawn {
             name: name.to_string(),
@@ -284,6 +307,26 @@ mod tests {
             Some(libc::SIGTERM)
         );
         assert!(!children.is_running("sleeper"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn environment_reaches_the_child() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut children = Children::new(tx);
+        children
+            .spawn_with_env(
+                "env",
+                Path::new("/bin/sh"),
+                ["-c", r#"test "$GRID_TEST_SECRET" = s3cret"#],
+                [("GRID_TEST_SECRET", "s3cret")],
+            )
+            .expect("spawn sh");
+        let exit = rx.recv().await.expect("an exit");
+        assert_eq!(
+            exit.status.code(),
+            Some(0),
+            "the child did not see its variable"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

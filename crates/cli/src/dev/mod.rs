@@ -227,6 +227,48 @@ impl Signals {
     }
 }
 
+/// Arguments and environment of the `grid-api` child. The tokens go in the environment
+/// (`GRID_API_ADMIN_TOKEN`, `GRID_API_JOIN_TOKEN`), never on the command line.
+fn api_command(
+    listen: SocketAddr,
+    api_dir: &Path,
+    token: &str,
+    join_token: &str,
+) -> (Vec<OsString>, [(&'static str, String); 2]) {
+    let args = vec![
+        "--listen".into(),
+        listen.to_string().into(),
+        "--data-dir".into(),
+        api_dir.into(),
+    ];
+    let envs = [
+        ("GRID_API_ADMIN_TOKEN", token.to_string()),
+        ("GRID_API_JOIN_TOKEN", join_token.to_string()),
+    ];
+    (args, envs)
+}
+
+/// Arguments and environment of a `core0` child; the join token goes in `CORE0_JOIN_TOKEN`.
+fn node_command(
+    dir: &Path,
+    node: &NodePlan,
+    api_url: &str,
+    join_token: &str,
+) -> (Vec<OsString>, [(&'static str, String); 1]) {
+    let args = vec![
+        "run".into(),
+        "--data-dir".into(),
+        dir.into(),
+        "--redis-listen".into(),
+        format!("127.0.0.1:{}", node.redis_port).into(),
+        "--join".into(),
+        api_url.into(),
+        "--node-id".into(),
+        node.id.clone().into(),
+    ];
+    (args, [("CORE0_JOIN_TOKEN", join_token.to_string())])
+}
+
 /// The running grid: what must be stopped, in which order.
 struct Grid {
     children: Children,
@@ -251,37 +293,17 @@ impl Grid {
     ) -> Result<(), DevError> {
         let api_dir = data.join("api");
         create_dir(&api_dir)?;
-        let args: Vec<OsString> = vec![
-            "--listen".into(),
-            listen.to_string().into(),
-            "--data-dir".into(),
-            api_dir.into(),
-            "--admin-token".into(),
-            token.into(),
-            "--join-token".into(),
-            join_token.into(),
-        ];
-        self.children.spawn(API, grid_api, args)?;
+        let (args, envs) = api_command(listen, &api_dir, token, join_token);
+        self.children.spawn_with_env(API, grid_api, args, envs)?;
         self.wait_api().await?;
 
         for (i, node) in plan.iter().enumerate() {
             let dir = data.join("nodes").join(i.to_string());
             create_dir(&dir)?;
             let name = format!("node{i}");
-            let args: Vec<OsString> = vec![
-                "run".into(),
-                "--data-dir".into(),
-                dir.clone().into(),
-                "--redis-listen".into(),
-                format!("127.0.0.1:{}", node.redis_port).into(),
-                "--join".into(),
-                self.client.base().into(),
-                "--join-token".into(),
-                join_token.into(),
-                "--node-id".into(),
-                node.id.clone().into(),
-            ];
-            self.children.spawn(&name, &self.core0, args)?;
+            let (args, envs) = node_command(&dir, node, self.client.base(), join_token);
+            self.children
+                .spawn_with_env(&name, &self.core0, args, envs)?;
             self.started.push((name, node.clone(), dir));
         }
         self.wait_nodes(plan).await
@@ -521,6 +543,32 @@ fn exited(exit: Exit) -> DevError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_go_in_the_environment_not_on_command_lines() {
+        let listen: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+        let (args, envs) = api_command(listen, Path::new("/d/api"), "admin-secret", "join-secret");
+        let on_line = |args: &[OsString], secret: &str| {
+            args.iter().any(|a| a.to_string_lossy().contains(secret))
+        };
+        assert!(!on_line(&args, "admin-secret") && !on_line(&args, "join-secret"));
+        assert!(!on_line(&args, "--admin-token") && !on_line(&args, "--join-token"));
+        assert_eq!(
+            envs,
+            [
+                ("GRID_API_ADMIN_TOKEN", "admin-secret".to_string()),
+                ("GRID_API_JOIN_TOKEN", "join-secret".to_string()),
+            ]
+        );
+        let plan = NodePlan {
+            id: "0123456789ab".into(),
+            redis_port: 7000,
+        };
+        let (args, envs) = node_command(Path::new("/d/n0"), &plan, "http://a", "join-secret");
+        assert!(!on_line(&args, "join-secret") && !on_line(&args, "--join-token"));
+        assert!(on_line(&args, "--join"));
+        assert_eq!(envs, [("CORE0_JOIN_TOKEN", "join-secret".to_string())]);
+    }
 
     #[test]
     fn random_hex_has_the_length_asked() {

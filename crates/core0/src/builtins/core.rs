@@ -20,12 +20,16 @@ pub fn register(reg: &mut Registry) {
     reg.add(CORE_PING, |_ctx, _args| async move {
         encode(format!("PONG {}", version()))
     });
+    // Both read /proc for every job: off the async threads.
     reg.add(CORE_STATE, |ctx: Ctx, _args| async move {
-        encode(ctx.jobs.usage())
+        let state = blocking(move || ctx.jobs.usage()).await?;
+        encode(state)
     });
     reg.add(JOB_LIST, |ctx: Ctx, args| async move {
         let a: JobListArgs = decode(args)?;
-        let jobs = ctx.jobs.list(a.id.as_deref()).map_err(|e| e.to_string())?;
+        let jobs = blocking(move || ctx.jobs.list(a.id.as_deref()))
+            .await?
+            .map_err(|e| e.to_string())?;
         encode(jobs)
     });
     reg.add(JOB_KILL, |ctx: Ctx, args| async move {
@@ -41,6 +45,13 @@ pub fn register(reg: &mut Registry) {
         CORE_REBOOT,
         |ctx: Ctx, _args| async move { reboot(ctx).await },
     );
+}
+
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("task failed: {e}"))
 }
 
 async fn reboot(ctx: Ctx) -> Result<Value, String> {

@@ -6,8 +6,15 @@
 //! §2.6 loop (queue turn, `max_time`, `max_restart`, `recurring_period`) and publishes exactly one
 //! Result through a [`Publish`] sink. The job table answers `job.list`, `job.kill` and
 //! `job.killall`.
+//!
+//! Host jobs are not adopted after a core0 restart: core0 held the only read end of their
+//! output pipes, so a job that outlives core0 ends with SIGPIPE on its next write (one that
+//! never writes runs on until teardown kills its recorded process group). The next core0
+//! publishes an `ERROR` result for every flag such a job left behind
+//! ([`crate::transport::consume`]).
 
 mod output;
+pub mod pgid;
 mod queue;
 mod run;
 
@@ -28,8 +35,8 @@ pub use output::{Capture, LineParser};
 /// Jobs that may exist at once; a full table stops the consumer until a job ends.
 pub const DEFAULT_MAX_JOBS: usize = 10_000;
 
-/// Data of the `DUPILICATE_ID` result: a JSON string, as in the original.
-pub const DUPLICATE_DATA: &str = "\"duplicate job id\"";
+/// Data of the `DUPILICATE_ID` result: plain text, as in the original (§2.3).
+pub const DUPLICATE_DATA: &str = "duplicate job id";
 
 /// Why a job operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +142,8 @@ struct Job {
     protected: bool,
     /// Start of the current run, ms since the epoch.
     starttime: AtomicI64,
-    /// Pid (= process group) of the current run's process, 0 when none.
+    /// Pid (= process group) of the current run's process while it runs, 0 when none. It is
+    /// cleared as soon as the process has been reaped, so a kill never reaches a reused pid.
     pid: AtomicI32,
     /// Set once the job is to end as KILLED.
     killed: watch::Sender<bool>,
@@ -165,6 +173,18 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// Whether `cmd` has a deadline that has passed (it is then dropped, and this is logged).
+fn past_deadline(cmd: &Command) -> bool {
+    let Some(deadline) = cmd.deadline else {
+        return false;
+    };
+    if i64::try_from(deadline).unwrap_or(i64::MAX) >= now_ms() {
+        return false;
+    }
+    tracing::warn!(id = %cmd.id, command = %cmd.command, deadline, "dropping a command picked up after its deadline");
+    true
 }
 
 /// Whether `name` is run as a process rather than a built-in.
@@ -213,10 +233,7 @@ impl JobManager {
             tracing::warn!(command = %cmd.command, "dropping a command with an empty id");
             return Submitted::Dropped;
         }
-        if let Some(deadline) = cmd.deadline
-            && i64::try_from(deadline).unwrap_or(i64::MAX) < now_ms()
-        {
-            tracing::warn!(id = %cmd.id, command = %cmd.command, deadline, "dropping a command picked up after its deadline");
+        if past_deadline(&cmd) {
             return Submitted::Dropped;
         }
         let known = is_process(&cmd.command) || self.registry.contains(&cmd.command);
@@ -225,6 +242,10 @@ impl JobManager {
             Ok(p) => p,
             Err(_) => return Submitted::Dropped, // the semaphore is never closed
         };
+        // The wait for a free slot may have outlasted the deadline.
+        if past_deadline(&cmd) {
+            return Submitted::Dropped;
+        }
         let job = loop {
             let existing = self.table().get(&cmd.id).cloned();
             if let Some(running) = existing {
@@ -336,6 +357,8 @@ impl JobManager {
 
     /// Signals job `id`; `false` when no such job runs. Signal 0 means SIGTERM; SIGTERM and
     /// SIGKILL end the job as KILLED, other signals are only delivered to its process group.
+    /// A kill that comes after the job's process exited (while its output drains) signals
+    /// nothing and leaves the run's own state; it only stops further runs.
     pub fn kill(&self, id: &str, signal: i32) -> Result<bool, JobError> {
         let Some(job) = self.table().get(id).cloned() else {
             return Ok(false);
@@ -347,6 +370,9 @@ impl JobManager {
         if sig == libc::SIGTERM || sig == libc::SIGKILL {
             job.killed.send_replace(true);
         }
+        // Read after marking the job: the runner clears the pid once it has reaped the process
+        // and only then looks at the mark, so a signal sent here always counts as a kill, and
+        // a process already reaped (its pid possibly reused) is never signalled.
         let pgid = job.pid.load(Ordering::SeqCst);
         if pgid > 1 {
             // SAFETY: kill(2) takes plain integers; a negative pid addresses the process group.

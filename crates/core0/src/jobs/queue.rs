@@ -88,6 +88,20 @@ impl TurnGuard {
     }
 }
 
+/// Leaves a queue without running (the job was killed while it waited). A turn that reached
+/// this waiter meanwhile is passed on to the next one.
+pub fn give_up(mut rx: oneshot::Receiver<()>, mut guard: TurnGuard) {
+    // Close first: from now on a holder handing the turn on finds this waiter gone and skips
+    // it; a turn sent before is still in the channel and is taken here. (A `try_recv` on an
+    // open receiver could miss a turn sent just after it, which would then be lost with the
+    // receiver and stall the queue.)
+    rx.close();
+    if rx.try_recv().is_ok() {
+        guard.acquired();
+    }
+    drop(guard);
+}
+
 impl Drop for TurnGuard {
     fn drop(&mut self) {
         if !self.holds {
@@ -130,5 +144,50 @@ mod tests {
         assert_eq!(q.len(), 1);
         drop(g3);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn give_up_passes_a_turn_that_arrived_before() {
+        let q = Queues::default();
+        let Turn::Now(first) = q.enter("a") else {
+            panic!("idle queue must run at once")
+        };
+        let Turn::Later(rx2, g2) = q.enter("a") else {
+            panic!("busy queue must wait")
+        };
+        let Turn::Later(mut rx3, _g3) = q.enter("a") else {
+            panic!("busy queue must wait")
+        };
+        drop(first); // the turn goes to the second waiter...
+        give_up(rx2, g2); // ...which was killed: the third gets it
+        assert!(rx3.try_recv().is_ok());
+    }
+
+    #[test]
+    fn give_up_racing_the_holder_never_loses_the_turn() {
+        // The holder drops its guard on another thread while the second waiter gives up: in
+        // every interleaving the third waiter must get the turn.
+        for _ in 0..2000 {
+            let q = Queues::default();
+            let Turn::Now(first) = q.enter("a") else {
+                panic!("idle queue must run at once")
+            };
+            let Turn::Later(rx2, g2) = q.enter("a") else {
+                panic!("busy queue must wait")
+            };
+            let Turn::Later(mut rx3, _g3) = q.enter("a") else {
+                panic!("busy queue must wait")
+            };
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let b = barrier.clone();
+            let holder = std::thread::spawn(move || {
+                b.wait();
+                drop(first);
+            });
+            barrier.wait();
+            give_up(rx2, g2);
+            holder.join().expect("holder thread");
+            assert!(rx3.try_recv().is_ok(), "the turn was lost");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! publish the one Result, leave the table.
 
 use super::output::{Capture, LineParser};
-use super::queue::Turn;
+use super::queue::{self, Turn};
 use super::{Job, JobManager, now_ms};
 use crate::builtins::{Ctx, decode};
 use grid_proto::args::{BashArgs, SystemArgs};
@@ -51,6 +51,15 @@ impl Outcome {
             code: None,
             starttime: 0,
             time: 0,
+        }
+    }
+
+    /// This run's outcome, ended as KILLED (no exit code).
+    fn killed(self) -> Self {
+        Self {
+            state: State::Killed,
+            code: None,
+            ..self
         }
     }
 
@@ -178,10 +187,7 @@ impl JobManager {
                     }
                     _ = killed(&mut kill_rx) => {
                         // The turn may have arrived at the same moment: pass it on.
-                        if rx.try_recv().is_ok() {
-                            g.acquired();
-                        }
-                        drop(g);
+                        queue::give_up(rx, g);
                         outcome = Some(Outcome::empty(State::Killed));
                     }
                 }
@@ -245,16 +251,15 @@ impl JobManager {
             if *kill_rx.borrow() {
                 return Outcome::empty(State::Killed);
             }
-            let mut outcome = self.run_once(job, kill_rx).await;
-            if *kill_rx.borrow() {
-                outcome.state = State::Killed;
-                outcome.code = None;
+            let outcome = self.run_once(job, kill_rx).await;
+            if outcome.state == State::Killed {
                 return outcome;
             }
+            // A kill that came after the run ended leaves the run's own outcome if the job
+            // ends now; if it would run again, the pause below ends it as KILLED at once.
             if job.protected {
                 if !pause(RESTART_DELAY, kill_rx).await {
-                    outcome.state = State::Killed;
-                    return outcome;
+                    return outcome.killed();
                 }
                 continue;
             }
@@ -264,8 +269,7 @@ impl JobManager {
                 runs += 1;
                 if runs < cmd.max_restart {
                     if !pause(RESTART_DELAY, kill_rx).await {
-                        outcome.state = State::Killed;
-                        return outcome;
+                        return outcome.killed();
                     }
                     continue;
                 }
@@ -273,9 +277,7 @@ impl JobManager {
             }
             if cmd.recurring_period > 0 {
                 if !pause(Duration::from_secs(cmd.recurring_period), kill_rx).await {
-                    outcome.state = State::Killed;
-                    outcome.code = None;
-                    return outcome;
+                    return outcome.killed();
                 }
                 continue;
             }
@@ -394,11 +396,21 @@ impl JobManager {
         let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
         job.pid.store(pid, Ordering::SeqCst);
         let pgid_file = self.pgid_file(&cmd.id);
-        if let Some(f) = &pgid_file
+        if let Some(f) = pgid_file.clone()
             && pid > 0
-            && let Err(e) = std::fs::write(f, pid.to_string())
         {
-            tracing::warn!(path = %f.display(), error = %e, "cannot record job process group");
+            // `<pgid> <starttime>` (see `pgid`), so teardown never signals a reused number.
+            let written = tokio::task::spawn_blocking(move || {
+                super::pgid::write(&f, pid).map_err(|e| (f, e))
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err((f, e))) => {
+                    tracing::warn!(path = %f.display(), error = %e, "cannot record job process group");
+                }
+                Err(e) => tracing::warn!(error = %e, "job process group record task failed"),
+            }
         }
         if let Some(mut stdin) = child.stdin.take() {
             let data = spec.stdin.into_bytes();
@@ -438,25 +450,35 @@ impl JobManager {
             }
         };
         let timed_out = matches!(ended, Ended::Timeout);
-        let status = match ended {
-            Ended::Exited(s) => s,
+        let (status, was_killed) = match ended {
+            Ended::Exited(s) => {
+                // Reaped: from now on `kill` signals nothing. `kill` marks the job before it
+                // reads the pid, so a kill that reached the process is seen here; one that comes
+                // later (while the output drains) does not turn a natural exit into KILLED.
+                job.pid.store(0, Ordering::SeqCst);
+                (s, *kill_rx.borrow())
+            }
             Ended::Timeout => {
                 sigkill_group();
-                child.wait().await
+                let s = child.wait().await;
+                job.pid.store(0, Ordering::SeqCst);
+                (s, false)
             }
             Ended::Killed => {
                 // kill() already delivered the signal; SIGKILL what is left after the grace time.
-                match tokio::time::timeout(self.config.kill_grace, child.wait()).await {
+                let s = match tokio::time::timeout(self.config.kill_grace, child.wait()).await {
                     Ok(s) => s,
                     Err(_) => {
                         sigkill_group();
                         child.wait().await
                     }
-                }
+                };
+                job.pid.store(0, Ordering::SeqCst);
+                (s, true)
             }
         };
-        let was_killed = *kill_rx.borrow();
         if timed_out || was_killed {
+            // Background members of the group: the number stays theirs while any of them lives.
             sigkill_group();
         }
         let drain = futures::future::join_all(readers.iter_mut());
@@ -466,15 +488,14 @@ impl JobManager {
             }
         }
         let capture = collector.await.unwrap_or_default();
-        job.pid.store(0, Ordering::SeqCst);
         self.base.cpu.forget(pid);
         if let Some(f) = &pgid_file {
             let group_alive = pid > 1 && killpg(group, None).is_ok();
             let gone = if group_alive {
                 // Background processes of the job outlive it: keep them findable for teardown.
-                std::fs::rename(f, f.with_extension(format!("{pid}.pgid")))
+                tokio::fs::rename(f, f.with_extension(format!("{pid}.pgid"))).await
             } else {
-                std::fs::remove_file(f)
+                tokio::fs::remove_file(f).await
             };
             if let Err(e) = gone
                 && e.kind() != std::io::ErrorKind::NotFound

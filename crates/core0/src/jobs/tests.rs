@@ -89,6 +89,10 @@ impl Publish for Memory {
 }
 
 fn manager() -> (Arc<JobManager>, Arc<Memory>) {
+    manager_with(|_| {})
+}
+
+fn manager_with(tune: impl FnOnce(&mut JobsConfig)) -> (Arc<JobManager>, Arc<Memory>) {
     let mem = Arc::new(Memory::default());
     let mut reg = Registry::new();
     crate::builtins::core::register(&mut reg);
@@ -111,10 +115,11 @@ fn manager() -> (Arc<JobManager>, Arc<Memory>) {
         cpu: Arc::new(crate::procs::CpuMeter::default()),
         power: Arc::new(Power::detached()),
     };
-    let cfg = JobsConfig {
+    let mut cfg = JobsConfig {
         kill_grace: Duration::from_millis(500),
         ..JobsConfig::default()
     };
+    tune(&mut cfg);
     (JobManager::new(mem.clone(), reg, base, cfg), mem)
 }
 
@@ -323,4 +328,87 @@ async fn timeout_kills_the_group() {
     let r = mem.wait_final("t").await;
     assert_eq!((r.state, r.code), (State::Timeout, None));
     assert!(r.time < 3000, "{}", r.time);
+}
+
+#[tokio::test]
+async fn deadline_is_checked_again_after_waiting_for_a_slot() {
+    let (m, mem) = manager_with(|c| c.max_jobs = 1);
+    m.submit(Command::new("hog", "test.sleep", json!(null)))
+        .await;
+    let mut late = Command::new("late", "core.ping", json!({}));
+    late.deadline = Some(u64::try_from(now_ms() + 300).expect("positive time"));
+    let waiter = {
+        let m = m.clone();
+        tokio::spawn(async move { m.submit(late).await })
+    };
+    // The deadline passes while "late" waits for the only slot.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!waiter.is_finished(), "a full table holds the submitter");
+    assert!(m.kill("hog", 0).expect("kill"));
+    assert_eq!(waiter.await.expect("submit task"), Submitted::Dropped);
+    assert!(!m.contains("late"));
+    assert!(
+        !mem.events()
+            .iter()
+            .any(|e| matches!(e, Event::Flag(id) if id == "late"))
+    );
+}
+
+/// Kills a test's process group on drop, even when the test fails.
+struct GroupGuard(i32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.0 > 1 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Polls `job.list` for `id` until `done` holds for its `debug` (the pid, or "").
+async fn wait_debug(m: &JobManager, id: &str, done: impl Fn(&str) -> bool) -> String {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = m.list(Some(id)).expect("job listed");
+        if done(&listed[0].debug) {
+            return listed[0].debug.clone();
+        }
+        assert!(tokio::time::Instant::now() < until, "job {id}: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn kill_after_the_exit_leaves_the_outcome_and_signals_nothing() {
+    let (m, mem) = manager();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pidf = dir.path().join("pid");
+    // The background sleep keeps stdout open: the job stays in the table while its output
+    // drains, after its process exited 0 and was reaped.
+    let script = format!("sleep 5 & echo $$ > {}; exit 0", pidf.display());
+    m.submit(bash("natural", &script)).await;
+    // The pid leaves the listing as soon as the shell has been reaped (it is also empty
+    // before the spawn: the pid file tells the two apart).
+    wait_debug(&m, "natural", |d| d.is_empty() && pidf.exists()).await;
+    let pid: i32 = std::fs::read_to_string(&pidf)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let group = GroupGuard(pid);
+    assert!(
+        m.contains("natural"),
+        "the job is still draining its output"
+    );
+    assert!(m.kill("natural", 0).expect("kill"));
+    let r = mem.wait_final("natural").await;
+    assert_eq!((r.state, r.code), (State::Success, Some(0)), "{r:?}");
+    assert!(
+        super::pgid::group_exists(pid),
+        "the late kill signalled nothing"
+    );
+    drop(group);
 }
