@@ -5,6 +5,7 @@ use crate::archive::Archive;
 use crate::auth::Authenticator;
 use crate::config::{Config, NodeConfig};
 use crate::http::{self, AppState};
+use crate::reconcile::containers::ContainersController;
 use crate::reconcile::nodes::{self as registry, NodesController};
 use crate::reconcile::{Controller, Reconciler};
 use crate::shutdown::Shutdown;
@@ -70,7 +71,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     register_config_nodes(store.as_ref(), &config.nodes).await?;
     let nodes = Arc::new(NodesController::new());
-    let controllers: Vec<Arc<dyn Controller>> = vec![nodes.clone()];
+    let containers = Arc::new(ContainersController::new(store.clone(), nodes.clone()));
+    let controllers: Vec<Arc<dyn Controller>> = vec![nodes.clone(), containers];
     let reconciler = Reconciler::new(store.clone(), controllers).spawn();
     let state = state(&config, store.clone(), nodes)?;
     if state.auth.is_empty() {

@@ -121,6 +121,40 @@ impl ApiClient {
         })
     }
 
+    /// Sends a request with a raw (possibly streamed) body of `content_type` and no timeout; an
+    /// error status becomes [`ApiError::Status`].
+    pub async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: reqwest::Body,
+    ) -> Result<Response, ApiError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.map_err(|source| ApiError::Request {
+            method: method.clone(),
+            url: url.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(ApiError::Status {
+            status: status.as_u16(),
+            message: error_message(status, &text),
+        })
+    }
+
     /// `GET path`, the body as bytes.
     pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ApiError> {
         let resp = self.send::<()>(Method::GET, path, None, None).await?;

@@ -11,6 +11,7 @@ pub mod output;
 pub mod sse;
 
 use clap::{Parser, Subcommand};
+use commands::containers::ContainerCommand;
 use commands::jobs::{KillArgs, RunArgs};
 use commands::nodes::NodeAction;
 use commands::{CommandError, Ctx};
@@ -56,6 +57,9 @@ pub enum Command {
     /// Run, list, inspect and kill jobs.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Create, list and remove containers; run commands and copy files in them.
+    #[command(subcommand, visible_alias = "containers")]
+    Container(ContainerCommand),
     /// Run a whole grid on this machine (an API and local nodes) until interrupted.
     Dev(dev::DevArgs),
 }
@@ -124,6 +128,7 @@ async fn client_command(ctx: &Ctx, command: Command) -> Result<ExitCode, Command
         Command::Job(JobCommand::Ls { node }) => commands::jobs::list(ctx, &node).await,
         Command::Job(JobCommand::Get { node, job }) => commands::jobs::get(ctx, &node, &job).await,
         Command::Job(JobCommand::Kill(args)) => commands::jobs::kill(ctx, args).await,
+        Command::Container(c) => commands::containers::run(ctx, c).await,
         // Handled by `run` before a client is made.
         Command::Dev(_) => Ok(ExitCode::SUCCESS),
     }
@@ -168,6 +173,56 @@ mod tests {
         assert_eq!(args.env, ["A=1", "B=2"]);
         assert_eq!(args.dir.as_deref(), Some("/tmp"));
         assert_eq!(args.command, ["sh", "-c", "echo hi"]);
+    }
+
+    #[test]
+    fn container_subcommands_parse() {
+        let cli = Cli::try_parse_from([
+            "grid",
+            "container",
+            "create",
+            "n1",
+            "web",
+            "--image",
+            "http://h/i.tar.gz",
+            "--port",
+            "8080:80",
+            "--port",
+            "53:53/udp",
+            "--memory",
+            "256M",
+            "--cpu",
+            "0.5",
+        ])
+        .expect("parses");
+        let Command::Container(ContainerCommand::Create(args)) = cli.command else {
+            panic!("not container create: {:?}", cli.command);
+        };
+        assert_eq!(args.ports, ["8080:80", "53:53/udp"]);
+        assert_eq!(args.memory, Some(256 << 20));
+        assert_eq!(args.cpu, Some(0.5));
+        let cli = Cli::try_parse_from(["grid", "container", "exec", "n1", "web", "--", "ls", "-l"])
+            .expect("parses");
+        let Command::Container(ContainerCommand::Exec(args)) = cli.command else {
+            panic!("not container exec: {:?}", cli.command);
+        };
+        assert_eq!(args.command, ["ls", "-l"]);
+        assert!(
+            Cli::try_parse_from([
+                "grid",
+                "container",
+                "create",
+                "n",
+                "c",
+                "--image",
+                "/x",
+                "--host-net",
+                "--port",
+                "1:1"
+            ])
+            .is_err()
+        );
+        assert!(Cli::try_parse_from(["grid", "container", "cp", "a", "n:c:/b"]).is_ok());
     }
 
     #[test]

@@ -186,6 +186,29 @@ impl Agent {
         let mut registry = Registry::new();
         builtins::core::register(&mut registry);
         builtins::host::register(&mut registry);
+        // One container manager per agent; it adopts the containers a previous core0 left.
+        // Without one (no cgroups, say) the node runs without the corex.* commands.
+        let containers = match crate::containers::manager::ManagerConfig::for_data_dir(&data_dir)
+        {
+            Ok(mcfg) => {
+                match crate::containers::manager::ContainerManager::start(mcfg, publisher.clone())
+                    .await
+                {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::error!(error = %e, "containers are not available");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "containers are not available");
+                None
+            }
+        };
+        if let Some(m) = &containers {
+            builtins::containers::register(&mut registry, m.clone(), publisher.clone());
+        }
         let base = CtxBase {
             instance_id: instance_id.clone(),
             fs: Arc::new(crate::fs::FsTable::default()),
@@ -202,9 +225,18 @@ impl Agent {
         let supervisor = own_redis.map(|own| tokio::spawn(own.supervise()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = oneshot::channel();
-        let consumer = tokio::spawn(transport::consume(
+        // Jobs running in containers are this core0's too: the start-up sweep leaves their flags.
+        let container_jobs: transport::Ours = match &containers {
+            Some(m) => {
+                let m = m.clone();
+                Arc::new(move |id: &str| m.has_job(id))
+            }
+            None => Arc::new(|_: &str| false),
+        };
+        let consumer = tokio::spawn(transport::consume_with(
             client,
             jobs.clone(),
+            container_jobs,
             stop_rx,
             Some(ready_tx),
         ));

@@ -1,12 +1,13 @@
 //! core0's own `redis-server`: started as a child in its own session (so it outlives a core0
 //! crash), adopted by the next core0 through `<run_dir>/redis.pid`, stopped by `core0 teardown`.
 //!
-//! `redis.pid` holds `<pid> <starttime> <host:port>`. A process is taken as this node's
-//! redis-server only if it is a redis-server, has the recorded starttime, and its title
-//! (redis rewrites it to `redis-server <host>:<port>`) names the node's address: a reused pid
-//! is never adopted or signalled. The password reaches redis through a 0600 config file in the
-//! run directory, never through its command line. Whoever calls [`ensure`] can ask to be told
-//! when that redis-server exits (see [`ExitHook`]).
+//! `redis.pid` holds its pid (a plain number, as redis itself writes pid files) and
+//! `redis.addr` the `host:port` it was started on. A process is taken as this node's
+//! redis-server only if it is a redis-server, its working directory is the node's
+//! `<data_dir>/redis`, and its title (redis rewrites it to `redis-server <host>:<port>`) names
+//! the node's address: a reused pid is never adopted or signalled. The password reaches redis
+//! through a 0600 config file in the run directory, never through its command line. Whoever
+//! calls [`ensure`] can ask to be told when that redis-server exits (see [`ExitHook`]).
 
 use crate::config::split_host_port;
 use crate::jobs::pgid::Record;
@@ -138,39 +139,36 @@ fn pid_file(run_dir: &Path) -> PathBuf {
     run_dir.join("redis.pid")
 }
 
+fn addr_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("redis.addr")
+}
+
 fn conf_file(run_dir: &Path) -> PathBuf {
     run_dir.join("redis.conf")
 }
 
-/// What `redis.pid` says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct PidFile {
-    /// Pid and starttime (unknown in files of the old one-number format).
-    rec: Record,
-    /// The `host:port` it was started on (absent in old files).
-    addr: Option<String>,
+/// The recorded pid (first word of `redis.pid`) and address (`redis.addr`, absent when an
+/// older core0 started the server).
+fn recorded(run_dir: &Path) -> Option<(i32, Option<String>)> {
+    let text = std::fs::read_to_string(pid_file(run_dir)).ok()?;
+    let pid = Record::parse(text.split_whitespace().next()?)?.pid;
+    let addr = std::fs::read_to_string(addr_file(run_dir))
+        .ok()
+        .and_then(|a| a.split_whitespace().next().map(str::to_string));
+    Some((pid, addr))
 }
 
-impl PidFile {
-    fn parse(text: &str) -> Option<Self> {
-        let mut rec = Record::parse(text)?;
-        // Written when the starttime could not be read: unknown.
-        if rec.starttime == Some(0) {
-            rec.starttime = None;
-        }
-        let addr = text.split_whitespace().nth(2).map(str::to_string);
-        Some(Self { rec, addr })
-    }
+/// Records `pid` and `addr` in the run directory.
+fn record(run_dir: &Path, pid: i32, addr: &str) -> Result<(), RedisServerError> {
+    let (pidf, addrf) = (pid_file(run_dir), addr_file(run_dir));
+    std::fs::write(&addrf, format!("{addr}\n")).map_err(io_err(&addrf))?;
+    std::fs::write(&pidf, format!("{pid}\n")).map_err(io_err(&pidf))
+}
 
-    fn read(path: &Path) -> Option<Self> {
-        Self::parse(&std::fs::read_to_string(path).ok()?)
-    }
-
-    fn write(path: &Path, pid: i32, addr: &str) -> Result<(), RedisServerError> {
-        let rec = Record::of(pid);
-        let text = format!("{} {} {addr}\n", pid, rec.starttime.unwrap_or(0));
-        std::fs::write(path, text).map_err(io_err(path))
-    }
+/// Removes the records of the run directory.
+fn forget(run_dir: &Path) {
+    let _ = std::fs::remove_file(pid_file(run_dir));
+    let _ = std::fs::remove_file(addr_file(run_dir));
 }
 
 /// Whether `pid` is a live redis-server (its title or argv[0] says so).
@@ -200,10 +198,12 @@ fn title_addr(host: &str, port: u16) -> String {
     format!("{host}:{port}")
 }
 
-/// Whether the process of `file` is this node's redis-server on `addr`: a redis-server with
-/// the recorded starttime whose title names `addr`.
-fn is_node_redis(file: &PidFile, addr: &str) -> bool {
-    file.rec.is_same_process() && is_redis_server(file.rec.pid) && title_names(file.rec.pid, addr)
+/// Whether `pid` is this node's redis-server: a redis-server working in `redis_dir` (the
+/// node's `<data_dir>/redis`) whose title names `addr` (when one is known).
+fn is_node_redis(pid: i32, redis_dir: &Path, addr: Option<&str>) -> bool {
+    is_redis_server(pid)
+        && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == redis_dir)
+        && addr.is_none_or(|a| title_names(pid, a))
 }
 
 /// Whether a redis at `addr` answers PING with `password`.
@@ -291,14 +291,13 @@ pub fn ensure(
         addr: listen.to_string(),
     })?;
     let title = title_addr(&host, port);
-    let pidf = pid_file(run_dir);
-    if let Some(found) = PidFile::read(&pidf) {
-        let pid = found.rec.pid;
-        let here = is_node_redis(&found, &title);
+    let dir = data_dir.join("redis");
+    if let Some((pid, old_addr)) = recorded(run_dir) {
+        let here = is_node_redis(pid, &dir, Some(&title));
         if here && answers(listen, password) {
             tracing::info!(pid, addr = listen, "adopted running redis-server");
-            // Rewritten in the current format (an older core0 may have written just the pid).
-            PidFile::write(&pidf, pid, &title)?;
+            // An older core0 did not record the address.
+            record(run_dir, pid, &title)?;
             if let Some(hook) = on_exit {
                 watch_adopted(Record::of(pid), hook);
             }
@@ -309,25 +308,23 @@ pub fn ensure(
                 adopted: true,
             });
         }
-        let elsewhere = found
-            .addr
+        let elsewhere = old_addr
             .as_deref()
-            .is_some_and(|a| a != title && is_node_redis(&found, a));
+            .is_some_and(|a| a != title && is_node_redis(pid, &dir, Some(a)));
         if here || elsewhere {
             tracing::warn!(
                 pid,
                 "redis-server of this node does not answer on {listen}; restarting it"
             );
-            terminate(&found.rec);
-        } else if found.rec.is_same_process() && is_redis_server(pid) {
+            terminate(&Record::of(pid));
+        } else if is_redis_server(pid) {
             tracing::warn!(
                 pid,
                 "redis.pid names a redis-server that is not this node's; leaving it alone"
             );
         }
-        let _ = std::fs::remove_file(&pidf);
+        forget(run_dir);
     }
-    let dir = data_dir.join("redis");
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let log = dir.join("redis.log");
     let conf = conf_file(run_dir);
@@ -369,12 +366,12 @@ pub fn ensure(
         .spawn()
         .map_err(|source| RedisServerError::Spawn { source })?;
     let pid = i32::try_from(child.id()).unwrap_or(0);
-    let ready = PidFile::write(&pidf, pid, &title)
-        .and_then(|()| wait_ready(&mut child, listen, password, &log));
+    let ready =
+        record(run_dir, pid, &title).and_then(|()| wait_ready(&mut child, listen, password, &log));
     if let Err(e) = ready {
         let _ = child.kill();
         let _ = child.wait();
-        let _ = std::fs::remove_file(&pidf);
+        forget(run_dir);
         return Err(e);
     }
     // Reap it if it ever exits while this process lives, and tell the caller.
@@ -471,31 +468,25 @@ fn wait_ready(
 }
 
 /// Stops the node's redis-server named by `<run_dir>/redis.pid` (SIGTERM, then SIGKILL after
-/// 3 s), if that process is still it (see the module doc; for a pid file of the old format,
-/// its working directory must be the node's `<data_dir>/redis`). Returns whether one was
-/// running. The pid file is removed either way.
+/// 3 s), if that process is still it (see the module doc; without a recorded address, its
+/// working directory alone must be the node's `<data_dir>/redis`). Returns whether it was
+/// running. The records are removed either way.
 pub fn stop(run_dir: &Path) -> bool {
-    let pidf = pid_file(run_dir);
-    let Some(found) = PidFile::read(&pidf) else {
+    let Some((pid, addr)) = recorded(run_dir) else {
         return false;
     };
-    let ours = match &found.addr {
-        Some(addr) => is_node_redis(&found, addr),
-        None => {
-            let dir = run_dir.parent().map(|d| d.join("redis"));
-            let cwd = std::fs::read_link(format!("/proc/{}/cwd", found.rec.pid)).ok();
-            is_redis_server(found.rec.pid) && dir.is_some() && cwd == dir
-        }
-    };
+    let ours = run_dir
+        .parent()
+        .is_some_and(|data_dir| is_node_redis(pid, &data_dir.join("redis"), addr.as_deref()));
     if ours {
-        terminate(&found.rec);
-    } else if found.rec.is_same_process() {
+        terminate(&Record::of(pid));
+    } else if Path::new(&format!("/proc/{pid}")).exists() {
         tracing::warn!(
-            pid = found.rec.pid,
+            pid,
             "redis.pid names a process that is not this node's redis-server; leaving it alone"
         );
     }
-    let _ = std::fs::remove_file(&pidf);
+    forget(run_dir);
     let _ = std::fs::remove_file(conf_file(run_dir));
     ours
 }
@@ -503,31 +494,6 @@ pub fn stop(run_dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pid_file_formats() {
-        assert_eq!(
-            PidFile::parse("42 777 127.0.0.1:6379\n"),
-            Some(PidFile {
-                rec: Record {
-                    pid: 42,
-                    starttime: Some(777)
-                },
-                addr: Some("127.0.0.1:6379".into())
-            })
-        );
-        assert_eq!(
-            PidFile::parse("42\n"),
-            Some(PidFile {
-                rec: Record {
-                    pid: 42,
-                    starttime: None
-                },
-                addr: None
-            })
-        );
-        assert_eq!(PidFile::parse("x"), None);
-    }
 
     #[test]
     fn conf_file_is_private_and_quotes_the_password() {
@@ -594,45 +560,49 @@ mod tests {
         assert!(!first.adopted);
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", first.pid)).expect("cmdline");
         let shown = String::from_utf8_lossy(&cmdline);
-        assert!(
-            !shown.contains("pw with space") && !shown.contains("pw"),
-            "{shown}"
-        );
+        assert!(!shown.contains("pw"), "{shown}");
         assert!(title_names(first.pid, &node.listen), "{shown}");
         assert!(answers(&node.listen, &node.password));
+        let pidf = pid_file(&node.run_dir());
+        assert_eq!(
+            std::fs::read_to_string(&pidf).expect("pid file"),
+            format!("{}\n", first.pid),
+            "a plain pid file"
+        );
 
         // Same node again: adopted.
         let again = node.ensure(None);
         assert!(again.adopted && again.pid == first.pid);
 
-        // A pid file naming the right process with a wrong starttime is not ours: the
-        // process is left alone (here it then cannot bind the port: the start fails).
-        let pidf = pid_file(&node.run_dir());
-        let st = Record::of(first.pid).starttime.expect("starttime");
-        std::fs::write(&pidf, format!("{} {} {}\n", first.pid, st + 1, node.listen))
+        // Another node whose pid file names the first node's redis-server (a reused pid, as
+        // far as it can tell): it neither adopts nor stops it.
+        let other = Node::new();
+        std::fs::write(pid_file(&other.run_dir()), format!("{}\n", first.pid))
             .expect("forge pid file");
-        assert!(
-            !stop(&node.run_dir()),
-            "a mismatching record is not stopped"
-        );
+        assert!(!stop(&other.run_dir()), "a stranger is not stopped");
         assert!(is_redis_server(first.pid), "the process was left alone");
-        assert!(!pidf.exists(), "the stale record is removed");
+        assert!(
+            !pid_file(&other.run_dir()).exists(),
+            "the stale record is removed"
+        );
+        std::fs::write(pid_file(&other.run_dir()), format!("{}\n", first.pid))
+            .expect("forge pid file");
+        let own = other.ensure(None);
+        assert!(!own.adopted && own.pid != first.pid);
+        assert!(is_redis_server(first.pid), "the process was left alone");
 
-        // An old-format file (just the pid) naming it: accepted through the title.
-        std::fs::write(&pidf, format!("{}\n", first.pid)).expect("old pid file");
+        // An older core0's layout (no address record): adopted through title and directory.
+        std::fs::remove_file(addr_file(&node.run_dir())).expect("remove addr record");
         let adopted = node.ensure(None);
         assert!(adopted.adopted && adopted.pid == first.pid);
-        let rewritten = PidFile::read(&pidf).expect("pid file");
-        assert_eq!(rewritten.rec.starttime, Some(st));
-        assert_eq!(rewritten.addr.as_deref(), Some(node.listen.as_str()));
-        assert!(stop(&node.run_dir()));
-        assert!(
-            !Record {
-                pid: first.pid,
-                starttime: Some(st)
-            }
-            .is_same_process()
+        assert_eq!(
+            recorded(&node.run_dir()),
+            Some((first.pid, Some(node.listen.clone())))
         );
+        let rec = Record::of(first.pid);
+        assert!(stop(&node.run_dir()));
+        assert!(!rec.is_same_process(), "stopped");
+        assert!(!pidf.exists());
     }
 
     #[test]

@@ -382,6 +382,21 @@ impl Publish for RedisPublisher {
 pub async fn consume(
     client: Client,
     jobs: Arc<JobManager>,
+    stop: watch::Receiver<bool>,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    consume_with(client, jobs, Arc::new(|_: &str| false), stop, ready).await;
+}
+
+/// Job ids that run outside the [`JobManager`] (in containers) and whose flags the start-up
+/// sweep leaves alone.
+pub type Ours = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// [`consume`], with `ours` telling which other job ids this core0 runs.
+pub async fn consume_with(
+    client: Client,
+    jobs: Arc<JobManager>,
+    ours: Ours,
     mut stop: watch::Receiver<bool>,
     ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
@@ -404,7 +419,7 @@ pub async fn consume(
             }
         };
         if !swept {
-            match end_orphaned_flags(c, |id| jobs.contains(id)).await {
+            match end_orphaned_flags(c, |id| jobs.contains(id) || ours(id)).await {
                 Ok(ids) => {
                     if !ids.is_empty() {
                         tracing::warn!(

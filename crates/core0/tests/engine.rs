@@ -446,7 +446,7 @@ fn queue_runs_serially_and_deadline_drops() {
     assert_eq!(exists, 0);
 }
 
-/// The pid in `run/redis.pid` (`<pid> <starttime> <host:port>`).
+/// The pid in `run/redis.pid`.
 fn redis_pid(data: &Path) -> i32 {
     std::fs::read_to_string(data.join("run/redis.pid"))
         .expect("redis pid file")

@@ -471,6 +471,172 @@ pub struct ProcessSignal {
     pub signal: i32,
 }
 
+/// Whether a container runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerStatus {
+    /// The container runs.
+    Running,
+    /// The container is stopped (or its node is unreachable).
+    Halted,
+}
+
+/// Address settings of a `vlan` or `vxlan` nic (RAML `ContainerNIC.config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerNicConfig {
+    /// Use DHCP; when true the other fields are ignored.
+    #[serde(default)]
+    pub dhcp: bool,
+    /// Address with prefix, e.g. `10.0.0.2/24`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// Default gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// DNS servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<String>>,
+}
+
+/// A network interface of a container (RAML `ContainerNIC`). Only `default` (the node's NAT
+/// bridge) is supported for now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerNic {
+    /// `default`; `vlan`, `vxlan`, `zerotier` and `bridge` come later.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// VLAN tag, VXLAN id or ZeroTier network id ("" for `default`).
+    #[serde(default)]
+    pub id: String,
+    /// MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hwaddr: Option<String>,
+    /// Address settings (vlan and vxlan only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ContainerNicConfig>,
+    /// `up` or `down`: set in answers, ignored in requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+/// Resource limits of a container (Grid extension); each is optional.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerLimits {
+    /// CPUs (e.g. `0.5` = half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    /// Memory, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// Most processes at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+/// `POST /nodes/{nodeid}/containers`: a container to create (RAML `CreateContainer`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateContainer {
+    /// The container's name, unique on its node (`[A-Za-z0-9_.-]{1,64}`); also accepted as `name`.
+    #[serde(alias = "name")]
+    pub id: String,
+    /// Hostname inside the container ("" = the name).
+    #[serde(default)]
+    pub hostname: String,
+    /// URL of the root filesystem image (`http(s)://`, `file://` or an absolute path on the node):
+    /// a tar archive, optionally gzip-compressed.
+    pub flist: String,
+    /// Processes started when the container boots; also accepted as `initprocesses`.
+    #[serde(default, alias = "initprocesses")]
+    pub init_processes: Vec<CoreSystem>,
+    /// `pool:fs` filesystems, mounted at `/fs/<pool>/<fs>`.
+    #[serde(default)]
+    pub filesystems: Vec<String>,
+    /// Network interfaces.
+    #[serde(default)]
+    pub nics: Vec<ContainerNic>,
+    /// Share the node's network namespace.
+    #[serde(default)]
+    pub host_networking: bool,
+    /// Port forwards `"host:container"`, optionally with `/tcp` or `/udp`.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// Backing store of an original flist (ignored: FUSE flists are not supported).
+    #[serde(default)]
+    pub storage: String,
+    /// Run with the full capability set (Grid extension).
+    #[serde(default)]
+    pub privileged: bool,
+    /// Resource limits (Grid extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ContainerLimits>,
+}
+
+/// `GET /nodes/{nodeid}/containers`: a container in the list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ContainerListItem {
+    /// Image URL.
+    pub flist: String,
+    /// Hostname.
+    pub hostname: String,
+    /// The container's name.
+    pub id: String,
+    /// `running` or `halted`.
+    pub status: ContainerStatus,
+}
+
+/// `GET /nodes/{nodeid}/containers/{containerid}`: the whole spec, its status and core0 id
+/// (RAML `Container`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    /// The container's name (Grid extension).
+    pub id: String,
+    /// core0's numeric id of the container; null until it was made.
+    pub container_id: Option<u64>,
+    /// `running` or `halted`.
+    pub status: ContainerStatus,
+    /// Hostname.
+    pub hostname: String,
+    /// Image URL.
+    pub flist: String,
+    /// Processes started at boot (lowercase key, as in the RAML).
+    #[serde(rename = "initprocesses")]
+    pub init_processes: Vec<CoreSystem>,
+    /// `pool:fs` filesystems.
+    pub filesystems: Vec<String>,
+    /// Network interfaces, with their status.
+    pub nics: Vec<ContainerNic>,
+    /// Shares the node's network namespace.
+    pub host_networking: bool,
+    /// Port forwards.
+    pub ports: Vec<String>,
+    /// As given at creation.
+    pub storage: String,
+    /// Full capability set (Grid extension).
+    pub privileged: bool,
+    /// Resource limits (Grid extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ContainerLimits>,
+    /// Address on the node's bridge (Grid extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Why the last apply to the node failed, if it did (Grid extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `DELETE .../filesystem` with a JSON body (RAML `DeleteFile`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteFile {
+    /// The path inside the container.
+    pub path: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,5 +680,30 @@ mod tests {
                 "wired"
             ]
         );
+    }
+
+    #[test]
+    fn create_container_accepts_the_seed_body_and_both_spellings() {
+        let c: CreateContainer = serde_json::from_value(json!({
+            "id": "vfw_22", "hostname": "vfw_22", "flist": "http://x/a.tar.gz",
+            "hostNetworking": false, "filesystems": [], "initprocesses": [],
+            "ports": [], "nics": [{"type": "default"}]
+        }))
+        .expect("seed body");
+        assert_eq!(c.nics[0].kind, "default");
+        let c: CreateContainer = serde_json::from_value(json!({
+            "name": "a", "flist": "/x.tar", "initProcesses": [{"name": "/bin/sh"}]
+        }))
+        .expect("camel case and name");
+        assert_eq!(c.id, "a");
+        assert_eq!(c.init_processes[0].name, "/bin/sh");
+        let e = serde_json::from_value::<CreateContainer>(
+            json!({"id": "a", "flist": "/x", "bogus": 1}),
+        )
+        .expect_err("unknown field");
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e =
+            serde_json::from_value::<CreateContainer>(json!({"id": "a"})).expect_err("no flist");
+        assert!(e.to_string().contains("flist"), "{e}");
     }
 }

@@ -4,6 +4,7 @@
 //! Every route is registered through utoipa-axum's `OpenApiRouter` with a `#[utoipa::path]`
 //! handler, so the OpenAPI document is made from the same table as the router and cannot drift.
 
+pub mod containers;
 pub mod extract;
 pub mod health;
 pub mod jobs;
@@ -143,6 +144,16 @@ impl RouteTable {
         }
     }
 
+    /// Adds `r` without the body size limit (for uploads that stream their body).
+    fn add_unlimited(self, r: UtoipaMethodRouter<AppState>) -> Self {
+        let (schemas, paths, method_router) = r;
+        self.add((
+            schemas,
+            paths,
+            method_router.layer(DefaultBodyLimit::disable()),
+        ))
+    }
+
     fn add(mut self, r: UtoipaMethodRouter<AppState>) -> Self {
         for (path, item) in &r.1.paths {
             for m in methods_of(item) {
@@ -193,6 +204,41 @@ pub fn route_table() -> RouteTable {
             processes::kill_process,
             processes::signal_process
         ))
+        // Containers
+        .add(routes!(
+            containers::list_containers,
+            containers::create_container
+        ))
+        .add(routes!(
+            containers::get_container,
+            containers::delete_container
+        ))
+        .add(routes!(containers::start_container))
+        .add(routes!(containers::stop_container))
+        .add(routes!(containers::ping_container))
+        .add(routes!(containers::container_state))
+        .add(routes!(containers::container_info))
+        .add(routes!(
+            containers::list_container_jobs,
+            containers::kill_all_container_jobs
+        ))
+        .add(routes!(
+            containers::get_container_job,
+            containers::kill_container_job,
+            containers::signal_container_job
+        ))
+        .add(routes!(containers::stream_container_job))
+        .add(routes!(
+            containers::list_container_processes,
+            containers::start_container_process
+        ))
+        .add(routes!(
+            containers::get_container_process,
+            containers::kill_container_process,
+            containers::signal_container_process
+        ))
+        .add(routes!(containers::download_file, containers::delete_file))
+        .add_unlimited(routes!(containers::upload_file))
 }
 
 /// Paths served outside the document: the document itself and its docs page.

@@ -10,6 +10,7 @@
 //! `apply(name, None)` and its observed record removed. Applies run in the reconciler's tasks,
 //! never in a request's, so a client hanging up never interrupts one.
 
+pub mod containers;
 pub mod nodes;
 
 use crate::store::{

@@ -127,10 +127,31 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CommandError> {
         max_time: args.max_time,
         queue: None,
     };
-    let path = format!("/nodes/{node}/processes");
+    let label = args.node.clone();
+    run_job(
+        ctx,
+        &format!("/nodes/{node}/processes"),
+        &format!("/nodes/{node}/jobs"),
+        &body,
+        &label,
+    )
+    .await
+}
+
+/// Starts a process with `POST processes_path`, prints its output as it comes and returns its
+/// exit code; `jobs_path` is where its jobs live (`/nodes/{n}/jobs` or
+/// `/nodes/{n}/containers/{c}/jobs`), `label` names the node (or container) in errors.
+pub async fn run_job(
+    ctx: &Ctx,
+    processes_path: &str,
+    jobs_path: &str,
+    body: &CoreSystem,
+    label: &str,
+) -> Result<ExitCode, CommandError> {
+    let path = processes_path.to_string();
     let resp = ctx
         .client
-        .send(Method::POST, &path, Some(&body), None)
+        .send(Method::POST, &path, Some(body), None)
         .await?;
     let location = resp
         .headers()
@@ -144,7 +165,26 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CommandError> {
             job_id_from_body(&bytes).ok_or_else(|| CommandError::NoJobId { path: path.clone() })?
         }
     };
-    let job_path = format!("/nodes/{node}/jobs/{}", segment(&job));
+    follow_job(
+        ctx,
+        &format!("{jobs_path}/{}", segment(&job)),
+        &job,
+        label,
+        true,
+    )
+    .await
+}
+
+/// Prints the output of the job at `job_path` (live, or replayed when it ended) and returns its
+/// exit code. With `kill_on_interrupt`, Ctrl-C kills the job.
+pub async fn follow_job(
+    ctx: &Ctx,
+    job_path: &str,
+    job: &str,
+    label: &str,
+    kill_on_interrupt: bool,
+) -> Result<ExitCode, CommandError> {
+    let job = job.to_string();
     let stream_path = format!("{job_path}/stream");
     let resp = ctx
         .client
@@ -175,8 +215,11 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CommandError> {
                 }
             },
             _ = &mut ctrl_c => {
+                if !kill_on_interrupt {
+                    return Ok(ExitCode::from(130));
+                }
                 // The job is ours: do not leave it running when the user gives up on it.
-                let killed = ctx.client.delete(&job_path, Some(Duration::from_secs(5))).await;
+                let killed = ctx.client.delete(job_path, Some(Duration::from_secs(5))).await;
                 match killed {
                     Ok(()) => eprintln!("grid: interrupted, killed job {job}"),
                     Err(e) => eprintln!("grid: interrupted; could not kill job {job}: {e}"),
@@ -186,10 +229,10 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CommandError> {
         }
     }
     // The stream ended without an `exit` event: ask for the result instead.
-    let result: JobResult = ctx.client.get(&job_path).await?;
+    let result: JobResult = ctx.client.get(job_path).await?;
     if result.state.eq_ignore_ascii_case("running") {
         return Err(CommandError::StreamEnded {
-            node: args.node,
+            node: label.to_string(),
             job,
         });
     }

@@ -1,6 +1,7 @@
 //! The client subcommands: each one calls the API and prints a table (or the raw JSON with
 //! `--json`).
 
+pub mod containers;
 pub mod jobs;
 pub mod nodes;
 
@@ -23,6 +24,18 @@ pub enum CommandError {
         #[source]
         source: std::io::Error,
     },
+    /// A local file could not be read or written.
+    #[error("cannot use local file {path}")]
+    Local {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The arguments do not make sense together.
+    #[error("{0}")]
+    Usage(String),
     /// The answer to starting a process named no job.
     #[error("the answer to POST {path} names no job (no Location header and no id in the body)")]
     NoJobId {

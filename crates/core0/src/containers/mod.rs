@@ -3,4 +3,5 @@
 pub mod cgroups;
 pub mod corex;
 pub mod image;
+pub mod manager;
 pub mod runtime;

@@ -90,35 +90,23 @@ impl TurnGuard {
 
 /// Leaves a queue without running (the job was killed while it waited). A turn that reached
 /// this waiter meanwhile is passed on to the next one.
-pub fn give_up(mut rx: oneshot::Receiver<()>, mut guard: TurnGuard) {
+pub fn give_up(rx: oneshot::Receiver<()>, guard: TurnGuard) {
+    give_up_then(rx, guard, || {});
+}
+
+/// [`give_up`], running `between` after the receiver is closed and before it is checked (where
+/// a holder handing the turn on may run).
+fn give_up_then(mut rx: oneshot::Receiver<()>, mut guard: TurnGuard, between: impl FnOnce()) {
     // Close first: from now on a holder handing the turn on finds this waiter gone and skips
-    // it; a turn sent before is still in the channel and is taken here. (A `try_recv` on an
-    // open receiver could miss a turn sent just after it, which would then be lost with the
-    // receiver and stall the queue.)
+    // it; a turn sent before is still in the channel and is taken here. (Checking an open
+    // receiver could miss a turn sent just after the check, which would then be lost with
+    // the receiver and stall the queue.)
     rx.close();
+    between();
     if rx.try_recv().is_ok() {
         guard.acquired();
     }
     drop(guard);
-}
-
-impl Drop for TurnGuard {
-    fn drop(&mut self) {
-        if !self.holds {
-            // A waiter that never got its turn: its dropped receiver makes the holder skip it.
-            return;
-        }
-        let mut lines = lock(&self.lines);
-        let Some(line) = lines.get_mut(&self.name) else {
-            return;
-        };
-        while let Some(next) = line.waiting.pop_front() {
-            if next.send(()).is_ok() {
-                return;
-            }
-        }
-        lines.remove(&self.name);
-    }
 }
 
 #[cfg(test)]
@@ -164,30 +152,19 @@ mod tests {
     }
 
     #[test]
-    fn give_up_racing_the_holder_never_loses_the_turn() {
-        // The holder drops its guard on another thread while the second waiter gives up: in
-        // every interleaving the third waiter must get the turn.
-        for _ in 0..2000 {
-            let q = Queues::default();
-            let Turn::Now(first) = q.enter("a") else {
-                panic!("idle queue must run at once")
-            };
-            let Turn::Later(rx2, g2) = q.enter("a") else {
-                panic!("busy queue must wait")
-            };
-            let Turn::Later(mut rx3, _g3) = q.enter("a") else {
-                panic!("busy queue must wait")
-            };
-            let barrier = Arc::new(std::sync::Barrier::new(2));
-            let b = barrier.clone();
-            let holder = std::thread::spawn(move || {
-                b.wait();
-                drop(first);
-            });
-            barrier.wait();
-            give_up(rx2, g2);
-            holder.join().expect("holder thread");
-            assert!(rx3.try_recv().is_ok(), "the turn was lost");
-        }
+    fn give_up_while_the_holder_hands_on_never_loses_the_turn() {
+        let q = Queues::default();
+        let Turn::Now(first) = q.enter("a") else {
+            panic!("idle queue must run at once")
+        };
+        let Turn::Later(rx2, g2) = q.enter("a") else {
+            panic!("busy queue must wait")
+        };
+        let Turn::Later(mut rx3, _g3) = q.enter("a") else {
+            panic!("busy queue must wait")
+        };
+        // The holder ends between the waiter's decision to leave and its last look.
+        give_up_then(rx2, g2, || drop(first));
+        assert!(rx3.try_recv().is_ok(), "the turn was lost");
     }
 }
