@@ -1,14 +1,112 @@
 //! End to end: containers through grid-api on a real core0 (corex.* of CONTAINERS-CONTRACT.md),
 //! with a busybox root filesystem the test builds with the `tar` crate from `/bin/busybox`.
 //!
-//! Every test is ignored until core0 implements the corex commands (issue 3); each container a
-//! test makes is deleted through the API at the end, and core0's teardown (on drop of the node)
-//! removes anything left.
+//! Each test runs the whole grid (redis, grid-api, core0 and the containers) in a network
+//! namespace of its own that the test thread makes: the NAT bridge, the veths and the nftables
+//! table of the default nic land there, never on the host, and vanish with the namespace. Each
+//! container a test makes is deleted through the API at the end, and core0's teardown (on drop of
+//! the node) removes anything left.
 
-use grid_tests::{Grid, Http, test_dir};
+use grid_tests::{Api, ApiOpts, Core0, Core0Opts, Grid, Http, test_dir};
 use serde_json::{Value, json};
+use std::future::Future;
 use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
+
+/// Runs `test` on this thread, moved first into a new network namespace with `lo` up. Every
+/// process the test starts (redis-server, grid-api, core0, its containers) inherits it, and the
+/// runtime is single-threaded so every socket the test opens is made there too; the namespace
+/// disappears with the last of them.
+fn in_own_netns(test: impl Future<Output = ()>) {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("unshare a network namespace for the test thread (needs root)");
+    let status = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip link set lo up: {status}");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds")
+        .block_on(test);
+}
+
+/// A node index of its own for each test of this run (900 to 999, apart from the ones
+/// core0's own tests use): the node's cgroups (`grid/n<idx>`) are shared by the whole host, so
+/// two tests at once must not both be node 0.
+fn node_idx() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 900 + u16::try_from(std::process::id() % 20).expect("below 20") * 5;
+    base + NEXT.fetch_add(1, Ordering::SeqCst) % 5
+}
+
+/// The grid of one test (an API and one node with its own node index); on drop, after the
+/// node's teardown, the node's cgroup parent `grid/n<idx>` is removed from the host.
+struct TestGrid {
+    grid: Option<Grid>,
+    idx: u16,
+}
+
+impl TestGrid {
+    async fn start() -> Self {
+        let idx = node_idx();
+        let api = Api::start(ApiOpts::default()).expect("grid-api starts");
+        let data_dir = test_dir("node");
+        std::fs::write(data_dir.join("node-index"), idx.to_string()).expect("node index");
+        let node = Core0::start(Core0Opts {
+            join: Some((api.url.clone(), api.join_token.clone())),
+            data_dir: Some(data_dir),
+            ..Core0Opts::default()
+        })
+        .expect("core0 starts");
+        let grid = Grid {
+            api,
+            nodes: vec![node],
+        };
+        grid.wait_status(&grid.nodes[0].node_id, "running", Duration::from_secs(20))
+            .await
+            .expect("the node joins");
+        Self {
+            grid: Some(grid),
+            idx,
+        }
+    }
+}
+
+impl std::ops::Deref for TestGrid {
+    type Target = Grid;
+    fn deref(&self) -> &Grid {
+        self.grid.as_ref().expect("the grid lives until drop")
+    }
+}
+
+impl Drop for TestGrid {
+    fn drop(&mut self) {
+        drop(self.grid.take());
+        let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for c in controllers.flatten() {
+            // Empty by now (core0's terminate or teardown removed the containers' cgroups).
+            let _ = std::fs::remove_dir(c.path().join("grid").join(format!("n{}", self.idx)));
+        }
+    }
+}
+
+/// A header with every numeric field set (an all-zero header is not a valid tar header).
+fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
+}
 
 /// Writes a root filesystem image (plain tar) holding `/bin/busybox` and the applets the tests
 /// use as symlinks; returns its path (an absolute path on the node, which is this host).
@@ -18,10 +116,11 @@ fn busybox_image() -> PathBuf {
     let file = std::fs::File::create(&path).expect("create image file");
     let mut tar = tar::Builder::new(file);
     for d in ["bin", "etc", "tmp", "proc", "dev", "sys", "root"] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(if d == "tmp" { 0o1777 } else { 0o755 });
-        h.set_size(0);
+        let mut h = header(
+            tar::EntryType::Directory,
+            if d == "tmp" { 0o1777 } else { 0o755 },
+            0,
+        );
         tar.append_data(&mut h, d, std::io::empty())
             .expect("directory entry");
     }
@@ -30,17 +129,12 @@ fn busybox_image() -> PathBuf {
     for applet in [
         "sh", "echo", "cat", "sleep", "ls", "hostname", "ps", "true", "false", "wc",
     ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_size(0);
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
             .expect("applet link");
     }
-    let mut h = tar::Header::new_gnu();
     let hosts = b"127.0.0.1 localhost\n";
-    h.set_size(hosts.len() as u64);
-    h.set_mode(0o644);
+    let mut h = header(tar::EntryType::Regular, 0o644, hosts.len() as u64);
     tar.append_data(&mut h, "etc/hosts", &hosts[..])
         .expect("hosts entry");
     tar.finish().expect("finish image");
@@ -149,10 +243,13 @@ async fn download(http: &Http, base: &str, path: &str) -> (u16, Vec<u8>) {
     (status, r.bytes().await.expect("body").to_vec())
 }
 
-#[tokio::test]
-#[ignore = "needs corex.* in core0 (issue 3 in progress)"]
-async fn create_list_get_and_delete_a_container() {
-    let grid = Grid::start(1).await.expect("grid");
+#[test]
+fn create_list_get_and_delete_a_container() {
+    in_own_netns(create_list_get_and_delete_a_container_body());
+}
+
+async fn create_list_get_and_delete_a_container_body() {
+    let grid = TestGrid::start().await;
     let http = grid.api.client();
     let node = grid.node_path(0);
     let image = busybox_image();
@@ -197,10 +294,13 @@ async fn create_list_get_and_delete_a_container() {
     assert_eq!(r.status, 404);
 }
 
-#[tokio::test]
-#[ignore = "needs corex.* in core0 (issue 3 in progress)"]
-async fn a_failed_create_answers_400_and_leaves_nothing() {
-    let grid = Grid::start(1).await.expect("grid");
+#[test]
+fn a_failed_create_answers_400_and_leaves_nothing() {
+    in_own_netns(a_failed_create_answers_400_and_leaves_nothing_body());
+}
+
+async fn a_failed_create_answers_400_and_leaves_nothing_body() {
+    let grid = TestGrid::start().await;
     let http = grid.api.client();
     let node = grid.node_path(0);
     let dir = test_dir("badimage");
@@ -223,10 +323,13 @@ async fn a_failed_create_answers_400_and_leaves_nothing() {
     }
 }
 
-#[tokio::test]
-#[ignore = "needs corex.* in core0 (issue 3 in progress)"]
-async fn processes_and_jobs_inside_a_container() {
-    let grid = Grid::start(1).await.expect("grid");
+#[test]
+fn processes_and_jobs_inside_a_container() {
+    in_own_netns(processes_and_jobs_inside_a_container_body());
+}
+
+async fn processes_and_jobs_inside_a_container_body() {
+    let grid = TestGrid::start().await;
     let http = grid.api.client();
     let node = grid.node_path(0);
     let image = busybox_image();
@@ -325,10 +428,13 @@ async fn processes_and_jobs_inside_a_container() {
     remove(&http, &node, "vfw_22").await;
 }
 
-#[tokio::test]
-#[ignore = "needs corex.* in core0 (issue 3 in progress)"]
-async fn files_go_in_and_out_and_survive_stop_and_start() {
-    let grid = Grid::start(1).await.expect("grid");
+#[test]
+fn files_go_in_and_out_and_survive_stop_and_start() {
+    in_own_netns(files_go_in_and_out_and_survive_stop_and_start_body());
+}
+
+async fn files_go_in_and_out_and_survive_stop_and_start_body() {
+    let grid = TestGrid::start().await;
     let http = grid.api.client();
     let node = grid.node_path(0);
     let image = busybox_image();
@@ -402,10 +508,13 @@ async fn files_go_in_and_out_and_survive_stop_and_start() {
     remove(&http, &node, "files").await;
 }
 
-#[tokio::test]
-#[ignore = "needs corex.* in core0 (issue 3 in progress)"]
-async fn the_container_comes_back_after_a_safe_reboot() {
-    let grid = Grid::start(1).await.expect("grid");
+#[test]
+fn the_container_comes_back_after_a_safe_reboot() {
+    in_own_netns(the_container_comes_back_after_a_safe_reboot_body());
+}
+
+async fn the_container_comes_back_after_a_safe_reboot_body() {
+    let grid = TestGrid::start().await;
     let http = grid.api.client();
     let node = grid.node_path(0);
     let image = busybox_image();

@@ -188,8 +188,7 @@ impl Agent {
         builtins::host::register(&mut registry);
         // One container manager per agent; it adopts the containers a previous core0 left.
         // Without one (no cgroups, say) the node runs without the corex.* commands.
-        let containers = match crate::containers::manager::ManagerConfig::for_data_dir(&data_dir)
-        {
+        let containers = match crate::containers::manager::ManagerConfig::for_data_dir(&data_dir) {
             Ok(mcfg) => {
                 match crate::containers::manager::ContainerManager::start(mcfg, publisher.clone())
                     .await
@@ -299,6 +298,10 @@ impl Agent {
                 jobs.killall(None, true);
                 if !jobs.wait_empty(kill_grace + Duration::from_secs(5)).await {
                     tracing::warn!(left = jobs.len(), "jobs still running at reboot");
+                }
+                // Containers stop too (files and records kept, halted): the API starts them again.
+                if let Some(m) = &containers {
+                    m.stop_all().await;
                 }
                 if let Err(e) = publisher.flushall().await {
                     tracing::error!(error = %e, "cannot flush redis");
@@ -462,6 +465,8 @@ pub struct Teardown {
     pub groups_killed: Vec<i32>,
     /// Whether a redis-server was stopped.
     pub redis_stopped: bool,
+    /// How many containers whose corex still ran were killed.
+    pub containers_stopped: usize,
 }
 
 fn argv0_is(pid: i32, name: &str) -> bool {
@@ -519,6 +524,7 @@ pub fn teardown(data_dir: &Path) -> Result<Teardown, AgentError> {
             });
         }
     }
+    report.containers_stopped = crate::containers::manager::teardown(data_dir);
     report.redis_stopped = redis_server::stop(&run_dir);
     Ok(report)
 }

@@ -48,6 +48,7 @@ fn main() -> ExitCode {
                         core0_killed = r.core0_killed,
                         groups = ?r.groups_killed,
                         redis_stopped = r.redis_stopped,
+                        containers_stopped = r.containers_stopped,
                         "teardown done"
                     );
                     ExitCode::SUCCESS

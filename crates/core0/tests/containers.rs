@@ -444,7 +444,7 @@ fn container_lifecycle_dispatch_and_confinement() {
     );
     assert!(records.last().expect("records").message.is_exit());
     let r = inside(&mut c, id, "bash-1", "bash", json!({"script": "hostname"}));
-    assert_eq!((r.state, r.stdout()), (State::Success, "box-1\n"));
+    assert_eq!((r.state, r.stdout()), (State::Success, "box_1\n"));
 
     // max_time inside the container.
     let r = dispatch(

@@ -300,6 +300,17 @@ impl Grid {
         for (i, node) in plan.iter().enumerate() {
             let dir = data.join("nodes").join(i.to_string());
             create_dir(&dir)?;
+            // Each local node names its kernel objects (bridge, veths, cgroups, nft table) with
+            // its own index, so that several nodes on one machine never collide.
+            let index_file = dir.join("node-index");
+            if !index_file.exists() {
+                std::fs::write(&index_file, format!("{i}\n")).map_err(|source| {
+                    DevError::DataDir {
+                        path: index_file.clone(),
+                        source,
+                    }
+                })?;
+            }
             let name = format!("node{i}");
             let (args, envs) = node_command(&dir, node, self.client.base(), join_token);
             self.children

@@ -272,6 +272,62 @@ pub fn node_index(data_dir: &Path) -> Result<u16, ManagerError> {
     }
 }
 
+/// `core0 teardown`: stops every container of `data_dir` whose corex still runs (SIGKILL to
+/// corex, pid 1 of the container, ends all of its processes), then removes the node's cgroup
+/// parent (`grid/n<idx>`) and, when the node ever made them (a container with a default nic),
+/// the node's NAT bridge and nftables table. The directories are left for the caller. Returns how many containers were
+/// stopped; failures are logged.
+pub fn teardown(data_dir: &Path) -> usize {
+    let Ok(cfg) = ManagerConfig::for_data_dir(data_dir) else {
+        return 0;
+    };
+    let mut stopped = 0;
+    let mut had_nic = false;
+    let entries = std::fs::read_dir(data_dir.join("containers"));
+    for e in entries.into_iter().flatten().flatten() {
+        let dir = e.path();
+        if e.file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_none()
+        {
+            continue;
+        }
+        let args = std::fs::read(dir.join(ARGS_NAME))
+            .ok()
+            .and_then(|d| serde_json::from_slice::<Record>(&d).ok())
+            .and_then(|r| serde_json::from_value::<CreateArgs>(r.arguments).ok());
+        had_nic |=
+            args.is_some_and(|a| !a.host_network && a.nics.iter().any(|n| n.kind == "default"));
+        // find_running checked the pid's start time, command line and socket: it is our corex.
+        if let Some(pid) = runtime::find_running(&dir)
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        {
+            stopped += 1;
+        }
+    }
+    match super::cgroups::Layout::detect(Path::new(super::cgroups::CGROUP_ROOT)) {
+        Ok(layout) => {
+            if let Err(e) =
+                super::cgroups::remove_parent(&layout, &cfg.cgroup_parent, Duration::from_secs(5))
+            {
+                tracing::warn!(error = %e, "cannot remove the node's cgroups");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the cgroup layout"),
+    }
+    // The address book is made with the bridge: its file says the node made the bridge once.
+    had_nic |= Ipam::default_path(data_dir).exists();
+    if had_nic && let Err(e) = NatBridge::remove(&HostOps, &BridgeConfig::for_index(cfg.node_idx)) {
+        tracing::warn!(error = %e, "cannot remove the node's bridge");
+    }
+    stopped
+}
+
 /// An event of one container job, as its task sees it.
 #[derive(Debug)]
 enum JobEvent {
@@ -496,7 +552,8 @@ fn safe_name(id: &str) -> String {
     }
 }
 
-/// `vfw_22` → `vfw-22`: a hostname the runtime accepts.
+/// The container's hostname: the given one (or the name) as is — `vfw_22` stays `vfw_22`, as
+/// in the seed — with any other character outside `[A-Za-z0-9_.-]` replaced by `-`.
 fn hostname_of(args: &CreateArgs, id: u32) -> String {
     let base = if args.hostname.is_empty() {
         &args.name
@@ -506,7 +563,7 @@ fn hostname_of(args: &CreateArgs, id: u32) -> String {
     let h: String = base
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
                 c
             } else {
                 '-'
@@ -1152,6 +1209,47 @@ impl ContainerManager {
         Ok(())
     }
 
+    /// Safe reboot: stops every running container (each keeps its upper layer, id, address and
+    /// record, now `halted`, so the next core0 knows it as halted and `corex.start` resumes it),
+    /// then removes the node's NAT bridge and nftables table (made again on first use). Failures
+    /// are logged; the rest goes on.
+    pub async fn stop_all(&self) {
+        let _op = self.ops.lock().await;
+        let ids: Vec<u32> = lock(&self.table)
+            .by_id
+            .iter()
+            .filter(|(_, c)| c.running.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            match self.stop_locked(id).await {
+                Ok(()) => tracing::info!(container = id, "container stopped for the reboot"),
+                Err(e) => tracing::error!(container = id, error = %e, "cannot stop container"),
+            }
+        }
+        // Only a node that has (or had) containers with a nic owns the bridge of its index.
+        let owns_bridge = lock(&self.net).is_some()
+            || lock(&self.table)
+                .by_id
+                .values()
+                .any(|c| self.wants_nic(&c.args));
+        if !owns_bridge {
+            return;
+        }
+        let cfg = BridgeConfig::for_index(self.cfg.node_idx);
+        let me = self.me.clone();
+        let removed = blocking(move || {
+            if let Some(me) = me.upgrade() {
+                *lock(&me.net) = None;
+            }
+            NatBridge::remove(&HostOps, &cfg).map_err(|e| ManagerError::Net(e.to_string()))
+        })
+        .await;
+        if let Err(e) = removed {
+            tracing::error!(error = %e, "cannot remove the node's bridge");
+        }
+    }
+
     /// `corex.start`: boots a halted container again from its arguments and upper layer.
     pub async fn start_container(&self, id: u32) -> Result<(), ManagerError> {
         let _op = self.ops.lock().await;
@@ -1675,7 +1773,10 @@ mod tests {
             name: "vfw_22".into(),
             ..CreateArgs::default()
         };
-        assert_eq!(hostname_of(&a, 3), "vfw-22");
+        assert_eq!(hostname_of(&a, 3), "vfw_22");
+        a.hostname = "a b".into();
+        assert_eq!(hostname_of(&a, 3), "a-b");
+        a.hostname.clear();
         a.name.clear();
         assert_eq!(hostname_of(&a, 3), "c3");
         let p: BTreeMap<String, u16> =

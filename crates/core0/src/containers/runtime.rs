@@ -148,9 +148,9 @@ impl ContainerSpec {
             || h.len() > 64
             || !h
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
         {
-            return bad(format!("hostname {h:?}: want 1-64 of [A-Za-z0-9.-]"));
+            return bad(format!("hostname {h:?}: want 1-64 of [A-Za-z0-9_.-]"));
         }
         super::cgroups::check_parent(&self.cgroup_parent)?;
         for (k, v) in &self.env {
