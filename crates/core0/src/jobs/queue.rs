@@ -109,6 +109,25 @@ fn give_up_then(mut rx: oneshot::Receiver<()>, mut guard: TurnGuard, between: im
     drop(guard);
 }
 
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        if !self.holds {
+            // A waiter that never got its turn: its dropped receiver makes the holder skip it.
+            return;
+        }
+        let mut lines = lock(&self.lines);
+        let Some(line) = lines.get_mut(&self.name) else {
+            return;
+        };
+        while let Some(next) = line.waiting.pop_front() {
+            if next.send(()).is_ok() {
+                return;
+            }
+        }
+        lines.remove(&self.name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
