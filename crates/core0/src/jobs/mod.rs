@@ -293,9 +293,6 @@ impl JobManager {
             table.insert(cmd.id.clone(), job.clone());
             break job;
         };
-        if let Err(e) = self.publish.flag(&cmd.id).await {
-            tracing::error!(id = %cmd.id, error = %e, "cannot flag job");
-        }
         let turn = match cmd.queue.as_deref() {
             Some(q) if !q.is_empty() => Some(self.queues.enter(q)),
             _ => None,
@@ -304,7 +301,15 @@ impl JobManager {
             return Submitted::Dropped;
         };
         tracing::debug!(id = %cmd.id, command = %cmd.command, "job started");
-        tokio::spawn(async move { me.drive(job, turn, permit).await });
+        // The job is in the table and holds its place in its queue, so order and duplicate
+        // detection are settled here; the flag is raised by the job's own task, before it runs,
+        // so that the consumer can take the next command without waiting for Redis.
+        tokio::spawn(async move {
+            if let Err(e) = me.publish.flag(&job.cmd.id).await {
+                tracing::error!(id = %job.cmd.id, error = %e, "cannot flag job");
+            }
+            me.drive(job, turn, permit).await
+        });
         Submitted::Started
     }
 
