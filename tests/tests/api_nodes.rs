@@ -414,3 +414,27 @@ fn parse_sse(body: &str) -> Vec<(String, String)> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wire_states_reach_the_api_in_lowercase() {
+    let grid = Grid::start(1).await.expect("grid");
+    let http = grid.api.client();
+    let node = grid.node_path(0);
+    let pw = grid.nodes[0].redis_password().expect("password");
+    let client = grid_client::NodeClient::connect(&grid.nodes[0].redis_addr, Some(&pw))
+        .await
+        .expect("node redis");
+    // An unknown command sent on the wire by any client: the API reports it as `unknown_cmd`.
+    let r = client
+        .call("no.such.command", json!({}), Duration::from_secs(10))
+        .await
+        .expect("a result");
+    assert_eq!(r.state, grid_proto::State::UnknownCmd);
+    let j = http
+        .get(&format!("{node}/jobs/{}", r.id))
+        .await
+        .expect("job");
+    assert_eq!(j.status, 200, "{}", j.text);
+    assert_eq!(j.json["state"], "unknown_cmd");
+    assert_eq!(j.json["name"], "no.such.command");
+}
