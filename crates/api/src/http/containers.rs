@@ -4,12 +4,12 @@
 //! sent to the node as `corex.dispatch {container, command}`.
 
 use super::AppState;
-use super::processes::{ACCEPT_TIMEOUT, StartedJob, TERM_GRACE};
-use super::sse::{self, StreamEvent};
+use super::processes::StartedJob;
+use super::target::{self as direct, Failed, Target, check_signal, job_id, not_running, parse_pid};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{Json, Path, decode_json};
 use crate::reconcile::containers::{
-    self as ctrs, COREX_DISPATCH, ContainerError, ContainerSpec, ContainerView, KIND,
+    self as ctrs, ContainerError, ContainerSpec, ContainerView, KIND,
 };
 use crate::reconcile::nodes as registry;
 use crate::reconcile::{self, ReconcileError, WaitError};
@@ -18,28 +18,18 @@ use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Multipart, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use futures::StreamExt;
-use grid_client::{ClientError, NodeClient};
 use grid_proto::api::{
     Container, ContainerListItem, ContainerStatus, CoreStateResult, CoreSystem, CreateContainer,
     DeleteFile, ErrorBody, JobListItem, JobResult, OsInfo, Process, ProcessSignal,
 };
-use grid_proto::args::{
-    FsFdArgs, FsOpenArgs, FsPathArgs, FsWriteArgs, JobKillArgs, JobListArgs, ProcessKillArgs,
-    ProcessListArgs, SystemArgs,
-};
-use grid_proto::commands::{
-    CORE_PING, CORE_STATE, CORE_SYSTEM, FS_CLOSE, FS_OPEN, FS_READ, FS_REMOVE, FS_WRITE, INFO_OS,
-    JOB_KILL, JOB_KILLALL, JOB_LIST, PROCESS_KILL, PROCESS_LIST,
-};
-use grid_proto::info::{CoreState, JobInfo, ProcessInfo};
-use grid_proto::{Command, CommandResult, JobId, State as JobState, info};
+use grid_proto::args::{FsFdArgs, FsOpenArgs, FsPathArgs, FsWriteArgs};
+use grid_proto::commands::{FS_CLOSE, FS_OPEN, FS_READ, FS_REMOVE, FS_WRITE};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::convert::Infallible;
 use std::time::Duration;
 use utoipa::ToSchema;
@@ -48,12 +38,6 @@ use utoipa::ToSchema;
 pub const APPLY_WAIT: Duration = Duration::from_secs(120);
 /// Bytes per `filesystem.write` / `filesystem.read` block.
 pub const FILE_BLOCK: usize = 512 * 1024;
-/// Budget of one command dispatched into a container.
-const CALL_TIMEOUT: Duration = super::CALL_TIMEOUT;
-/// Budget of a container ping.
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a terminating process is looked at.
-const TERM_POLL: Duration = Duration::from_millis(100);
 /// Longest container name.
 const MAX_NAME: usize = 64;
 
@@ -75,10 +59,6 @@ pub struct PathQuery {
 
 fn unknown_container(node: &str, name: &str) -> ApiError {
     ApiError::NotFound(format!("container {name} not found on node {node}"))
-}
-
-fn not_running(node: &str, name: &str) -> ApiError {
-    ApiError::Conflict(format!("container {name} on node {node} is not running"))
 }
 
 fn location(path: &str) -> ApiResult<HeaderValue> {
@@ -519,26 +499,14 @@ pub async fn stop_container(
 // ---------------------------------------------------------------------------------------------
 // Direct calls inside a container
 
-/// A running container and its node's connection.
-#[derive(Clone)]
-struct Target {
-    node: String,
-    name: String,
-    client: NodeClient,
-    id: u64,
-}
-
 /// The running container `name` on `node`: `404` unknown, `503` node unreachable, `409` not
 /// running.
 async fn target(s: &AppState, node: &str, name: &str) -> ApiResult<Target> {
     let v = view(s, node, name).await?;
     match (v.status(), v.data.container_id) {
-        (ContainerStatus::Running, Some(id)) => Ok(Target {
-            node: node.to_string(),
-            name: name.to_string(),
-            client: s.node(node).await?,
-            id,
-        }),
+        (ContainerStatus::Running, Some(id)) => {
+            Ok(Target::container(node, name, id, s.node(node).await?))
+        }
         _ => {
             let node_down = registry::get_node(s.store.as_ref(), node)
                 .await?
@@ -549,85 +517,6 @@ async fn target(s: &AppState, node: &str, name: &str) -> ApiResult<Target> {
                 Err(not_running(node, name))
             }
         }
-    }
-}
-
-/// A command that ran in the container and did not succeed: its message.
-struct Failed(String);
-
-impl Target {
-    /// Dispatches `cmd` (its id kept); returns once the container took it.
-    async fn dispatch(&self, cmd: &Command) -> ApiResult<()> {
-        let args = json!({"container": self.id, "command": cmd});
-        match self
-            .client
-            .call_json::<Value>(COREX_DISPATCH, args, CALL_TIMEOUT)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(ClientError::Failed { message, .. }) => {
-                let m = message.to_ascii_lowercase();
-                if m.contains("not found") || m.contains("halted") || m.contains("not running") {
-                    Err(not_running(&self.node, &self.name))
-                } else {
-                    Err(ApiError::Internal(format!(
-                        "node {}: corex.dispatch into container {}: {message}",
-                        self.node, self.name
-                    )))
-                }
-            }
-            Err(e) => Err(ApiError::from_client(&self.node, e)),
-        }
-    }
-
-    /// Runs `command` in the container and waits for its result (any state).
-    async fn run(&self, command: &str, args: Value, timeout: Duration) -> ApiResult<CommandResult> {
-        let cmd = Command::new(uuid::Uuid::new_v4().to_string(), command, args);
-        self.dispatch(&cmd).await?;
-        match self.client.wait_result(&cmd.id, timeout).await {
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(ApiError::GatewayTimeout(format!(
-                "container {} on node {} did not finish {command} within {} s",
-                self.name,
-                self.node,
-                timeout.as_secs()
-            ))),
-            Err(e) => Err(ApiError::from_client(&self.node, e)),
-        }
-    }
-
-    /// Runs a built-in and decodes its JSON data; a failure is `Ok(Err(message))`.
-    async fn call<T: DeserializeOwned, A: serde::Serialize + ?Sized>(
-        &self,
-        command: &str,
-        args: &A,
-    ) -> ApiResult<Result<T, Failed>> {
-        let args = serde_json::to_value(args).map_err(ApiError::internal)?;
-        let r = self.run(command, args, CALL_TIMEOUT).await?;
-        if r.state != JobState::Success {
-            let message = serde_json::from_str::<String>(&r.data).unwrap_or(r.data.clone());
-            return Ok(Err(Failed(message)));
-        }
-        r.json_data().map(Ok).map_err(|e| {
-            ApiError::Internal(format!(
-                "node {}: unreadable answer to {command}: {e}",
-                self.node
-            ))
-        })
-    }
-
-    /// Like [`Target::call`], a failure being an internal error.
-    async fn call_ok<T: DeserializeOwned, A: serde::Serialize + ?Sized>(
-        &self,
-        command: &str,
-        args: &A,
-    ) -> ApiResult<T> {
-        self.call(command, args).await?.map_err(|Failed(m)| {
-            ApiError::Internal(format!(
-                "node {}: {command} in container {} failed: {m}",
-                self.node, self.name
-            ))
-        })
     }
 }
 
@@ -653,11 +542,7 @@ pub async fn ping_container(
         Err(ApiError::Conflict(_) | ApiError::Unavailable(_)) => return Ok(Json(false)),
         Err(e) => return Err(e),
     };
-    let ok = matches!(
-        t.run(CORE_PING, json!({}), PING_TIMEOUT).await,
-        Ok(r) if r.state == JobState::Success
-    );
-    Ok(Json(ok))
+    Ok(Json(direct::ping(&t).await))
 }
 
 /// CPU and memory used inside the container.
@@ -678,9 +563,7 @@ pub async fn container_state(
     State(s): State<AppState>,
     Path((nodeid, containerid)): Path<(String, String)>,
 ) -> ApiResult<Json<CoreStateResult>> {
-    let t = target(&s, &nodeid, &containerid).await?;
-    let st: CoreState = t.call_ok(CORE_STATE, &json!({})).await?;
-    Ok(Json(st.into()))
+    direct::state(&target(&s, &nodeid, &containerid).await?).await
 }
 
 /// The container's operating system.
@@ -701,23 +584,10 @@ pub async fn container_info(
     State(s): State<AppState>,
     Path((nodeid, containerid)): Path<(String, String)>,
 ) -> ApiResult<Json<OsInfo>> {
-    let t = target(&s, &nodeid, &containerid).await?;
-    let os: info::OsInfo = t.call_ok(INFO_OS, &json!({})).await?;
-    Ok(Json(os.into()))
+    direct::os_info(&target(&s, &nodeid, &containerid).await?).await
 }
 
 // Jobs ------------------------------------------------------------------------------------------
-
-fn job_id(raw: &str) -> ApiResult<JobId> {
-    JobId::new(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
-}
-
-fn job_not_found(t: &Target, job: &str) -> ApiError {
-    ApiError::NotFound(format!(
-        "job {job} not found in container {} on node {}",
-        t.name, t.node
-    ))
-}
 
 /// List the running jobs of a container.
 #[utoipa::path(
@@ -737,16 +607,7 @@ pub async fn list_container_jobs(
     State(s): State<AppState>,
     Path((nodeid, containerid)): Path<(String, String)>,
 ) -> ApiResult<Json<Vec<JobListItem>>> {
-    let t = target(&s, &nodeid, &containerid).await?;
-    let jobs: Vec<JobInfo> = t.call_ok(JOB_LIST, &JobListArgs::default()).await?;
-    Ok(Json(
-        jobs.into_iter()
-            .map(|j| JobListItem {
-                id: j.cmd.id,
-                start_time: j.starttime,
-            })
-            .collect(),
-    ))
+    direct::list_jobs(&target(&s, &nodeid, &containerid).await?).await
 }
 
 /// Kill every job of a container.
@@ -767,49 +628,7 @@ pub async fn kill_all_container_jobs(
     State(s): State<AppState>,
     Path((nodeid, containerid)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let t = target(&s, &nodeid, &containerid).await?;
-    let _: Value = t.call_ok(JOB_KILLALL, &json!({})).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-/// Whether job `job` is running in the container.
-async fn job_running(t: &Target, job: &JobId) -> ApiResult<Option<JobInfo>> {
-    let args = JobListArgs {
-        id: Some(job.to_string()),
-    };
-    match t.call::<Vec<JobInfo>, _>(JOB_LIST, &args).await? {
-        Ok(list) => Ok(list.into_iter().find(|j| j.cmd.id == job.as_str())),
-        // An unknown id is an error of job.list: the job is not running.
-        Err(Failed(_)) => Ok(None),
-    }
-}
-
-/// Looks a container job up: running, then the node's result (of this container), then the
-/// archive.
-async fn find_container_job(s: &AppState, t: &Target, job: &JobId) -> ApiResult<Option<JobResult>> {
-    if let Some(j) = job_running(t, job).await? {
-        return Ok(Some(JobResult::running(
-            &j.cmd.id,
-            &j.cmd.command,
-            j.starttime,
-        )));
-    }
-    match t.client.result_now(job.as_str()).await {
-        Ok(Some(r)) if r.container == t.id => {
-            let result = JobResult::from(&r);
-            if let Err(e) = s.archive.save(&t.node, &result).await {
-                tracing::warn!(node = %t.node, job = %job, error = %e, "cannot archive job result");
-            }
-            return Ok(Some(result));
-        }
-        Ok(Some(_)) => return Ok(None),
-        Ok(None) => {}
-        Err(e @ ClientError::BadResult { .. }) => {
-            tracing::warn!(node = %t.node, job = %job, error = %e, "unreadable result");
-        }
-        Err(e) => return Err(ApiError::from_client(&t.node, e)),
-    }
-    Ok(s.archive.get(&t.node, job.as_str()).await?)
+    direct::kill_all_jobs(&target(&s, &nodeid, &containerid).await?).await
 }
 
 /// A container job's state while it runs, then its full result.
@@ -833,30 +652,7 @@ pub async fn get_container_job(
     Path((nodeid, containerid, jobid)): Path<(String, String, String)>,
 ) -> ApiResult<Json<JobResult>> {
     let job = job_id(&jobid)?;
-    let t = target(&s, &nodeid, &containerid).await?;
-    find_container_job(&s, &t, &job)
-        .await?
-        .map(Json)
-        .ok_or_else(|| job_not_found(&t, &jobid))
-}
-
-async fn kill_job_with(t: &Target, jobid: &str, signal: i32) -> ApiResult<()> {
-    let job = job_id(jobid)?;
-    let args = JobKillArgs {
-        id: job.to_string(),
-        signal,
-    };
-    match t.call::<bool, _>(JOB_KILL, &args).await? {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(job_not_found(t, jobid)),
-        Err(Failed(m)) if m.contains("not found") || m.contains("unknown") => {
-            Err(job_not_found(t, jobid))
-        }
-        Err(Failed(m)) => Err(ApiError::Internal(format!(
-            "node {}: job.kill in container {}: {m}",
-            t.node, t.name
-        ))),
-    }
+    direct::get_job(&s, &target(&s, &nodeid, &containerid).await?, &job).await
 }
 
 /// Kill a container job (SIGKILL).
@@ -880,18 +676,7 @@ pub async fn kill_container_job(
     Path((nodeid, containerid, jobid)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
     let t = target(&s, &nodeid, &containerid).await?;
-    kill_job_with(&t, &jobid, 9).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-fn check_signal(signal: i32) -> ApiResult<()> {
-    if (1..=64).contains(&signal) {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(format!(
-            "signal must be between 1 and 64, not {signal}"
-        )))
-    }
+    direct::signal_job(&t, &job_id(&jobid)?, 9).await
 }
 
 /// Send a signal to a container job.
@@ -918,8 +703,7 @@ pub async fn signal_container_job(
 ) -> ApiResult<StatusCode> {
     check_signal(body.signal)?;
     let t = target(&s, &nodeid, &containerid).await?;
-    kill_job_with(&t, &jobid, body.signal).await?;
-    Ok(StatusCode::NO_CONTENT)
+    direct::signal_job(&t, &job_id(&jobid)?, body.signal).await
 }
 
 /// Live output of a container job: SSE `stdout`, `stderr`, then `exit`.
@@ -943,82 +727,10 @@ pub async fn stream_container_job(
     Path((nodeid, containerid, jobid)): Path<(String, String, String)>,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
     let job = job_id(&jobid)?;
-    let t = target(&s, &nodeid, &containerid).await?;
-    // The stream key is the node's `stream:<id>`: the node's hub serves it.
-    let live =
-        s.streams.is_reading(&nodeid, job.as_str()) || job_running(&t, &job).await?.is_some();
-    let events: sse::EventStream = if live {
-        s.streams.subscribe(&nodeid, job.as_str(), t.client.clone())
-    } else if let Some(result) = find_container_job(&s, &t, &job).await? {
-        Box::pin(futures::stream::iter(sse::replay(&result)))
-    } else if sse::has_stream_records(&t.client, job.as_str())
-        .await
-        .map_err(|e| ApiError::from_client(&nodeid, e))?
-    {
-        s.streams.subscribe(&nodeid, job.as_str(), t.client.clone())
-    } else {
-        return Err(job_not_found(&t, &jobid));
-    };
-    let events = sse::until_shutdown(events, s.shutdown.clone());
-    let stream =
-        events.map(|ev: StreamEvent| Ok(Event::default().event(ev.name()).data(ev.data())));
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    direct::stream_job(&s, &target(&s, &nodeid, &containerid).await?, &job).await
 }
 
 // Processes -------------------------------------------------------------------------------------
-
-fn parse_pid(raw: &str) -> ApiResult<i64> {
-    match raw.parse::<i64>() {
-        Ok(pid) if pid > 0 => Ok(pid),
-        _ => Err(ApiError::BadRequest(format!(
-            "process id must be a positive integer, not {raw:?}"
-        ))),
-    }
-}
-
-fn process_not_found(t: &Target, pid: i64) -> ApiError {
-    ApiError::NotFound(format!(
-        "process {pid} not found in container {} on node {}",
-        t.name, t.node
-    ))
-}
-
-async fn find_process(t: &Target, pid: i64) -> ApiResult<Option<Process>> {
-    let args = ProcessListArgs { pid: Some(pid) };
-    match t.call::<Vec<ProcessInfo>, _>(PROCESS_LIST, &args).await? {
-        Ok(list) => Ok(list.into_iter().find(|p| p.pid == pid).map(Process::from)),
-        Err(Failed(_)) => Ok(None),
-    }
-}
-
-async fn signal_process_in(t: &Target, pid: i64, signal: i32) -> ApiResult<()> {
-    if pid <= 1 {
-        return Err(ApiError::BadRequest(format!(
-            "refusing to signal process {pid}"
-        )));
-    }
-    match t
-        .call::<Value, _>(PROCESS_KILL, &ProcessKillArgs { pid, signal })
-        .await?
-    {
-        Ok(_) => Ok(()),
-        Err(Failed(m)) => {
-            if m.ends_with("not found") || find_process(t, pid).await?.is_none() {
-                Err(process_not_found(t, pid))
-            } else if m.starts_with("not permitted") {
-                Err(ApiError::Conflict(format!(
-                    "not permitted to send signal {signal} to process {pid} in container {}",
-                    t.name
-                )))
-            } else {
-                Err(ApiError::Internal(format!(
-                    "node {}: process.kill of {pid} in container {}: {m}",
-                    t.node, t.name
-                )))
-            }
-        }
-    }
-}
 
 /// List the processes of a container.
 #[utoipa::path(
@@ -1038,9 +750,7 @@ pub async fn list_container_processes(
     State(s): State<AppState>,
     Path((nodeid, containerid)): Path<(String, String)>,
 ) -> ApiResult<Json<Vec<Process>>> {
-    let t = target(&s, &nodeid, &containerid).await?;
-    let list: Vec<ProcessInfo> = t.call_ok(PROCESS_LIST, &ProcessListArgs::default()).await?;
-    Ok(Json(list.into_iter().map(Process::from).collect()))
+    direct::list_processes(&target(&s, &nodeid, &containerid).await?).await
 }
 
 /// Start a process in a container as a job; its output is streamed and its result kept.
@@ -1067,50 +777,9 @@ pub async fn start_container_process(
     Path((nodeid, containerid)): Path<(String, String)>,
     Json(body): Json<CoreSystem>,
 ) -> ApiResult<Response> {
-    if body.name.is_empty() {
-        return Err(ApiError::BadRequest("name must not be empty".to_string()));
-    }
-    let env = body
-        .environment
-        .as_ref()
-        .map(|e| e.to_map())
-        .transpose()
-        .map_err(ApiError::BadRequest)?;
+    let env = direct::check_start(&body)?;
     let t = target(&s, &nodeid, &containerid).await?;
-    let args = SystemArgs {
-        name: body.name,
-        args: body.args,
-        dir: body.pwd,
-        env,
-        stdin: body.stdin,
-    };
-    let jobid = uuid::Uuid::new_v4().to_string();
-    let mut cmd = Command::new(
-        jobid.clone(),
-        CORE_SYSTEM,
-        serde_json::to_value(&args).map_err(ApiError::internal)?,
-    );
-    cmd.max_time = body.max_time;
-    cmd.queue = body.queue.filter(|q| !q.is_empty());
-    cmd.stream = true;
-    tokio::time::timeout(ACCEPT_TIMEOUT + CALL_TIMEOUT, t.dispatch(&cmd))
-        .await
-        .map_err(|_| {
-            ApiError::GatewayTimeout(format!(
-                "node {nodeid} did not take the process for container {containerid} in time"
-            ))
-        })??;
-    s.archive
-        .watch_job(nodeid.clone(), t.client.clone(), jobid.clone());
-    let loc = location(&format!(
-        "/nodes/{nodeid}/containers/{containerid}/jobs/{jobid}"
-    ))?;
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, loc)],
-        Json(StartedJob { id: jobid }),
-    )
-        .into_response())
+    direct::start_process(&s, &t, body, env).await
 }
 
 /// One process of a container.
@@ -1134,11 +803,7 @@ pub async fn get_container_process(
     Path((nodeid, containerid, processid)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Process>> {
     let pid = parse_pid(&processid)?;
-    let t = target(&s, &nodeid, &containerid).await?;
-    find_process(&t, pid)
-        .await?
-        .map(Json)
-        .ok_or_else(|| process_not_found(&t, pid))
+    direct::get_process(&target(&s, &nodeid, &containerid).await?, pid).await
 }
 
 /// Kill a container process: SIGTERM, then SIGKILL when it is still alive after 2 s.
@@ -1162,23 +827,7 @@ pub async fn kill_container_process(
     Path((nodeid, containerid, processid)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
     let pid = parse_pid(&processid)?;
-    let t = target(&s, &nodeid, &containerid).await?;
-    if find_process(&t, pid).await?.is_none() {
-        return Err(process_not_found(&t, pid));
-    }
-    signal_process_in(&t, pid, 15).await?;
-    let deadline = tokio::time::Instant::now() + TERM_GRACE;
-    while tokio::time::Instant::now() < deadline {
-        // Polling: the node has no "process ended" notification.
-        tokio::time::sleep(TERM_POLL).await;
-        if find_process(&t, pid).await?.is_none() {
-            return Ok(StatusCode::NO_CONTENT);
-        }
-    }
-    match signal_process_in(&t, pid, 9).await {
-        Ok(()) | Err(ApiError::NotFound(_)) => Ok(StatusCode::NO_CONTENT),
-        Err(e) => Err(e),
-    }
+    direct::kill_process(&target(&s, &nodeid, &containerid).await?, pid).await
 }
 
 /// Send a signal to a container process.
@@ -1205,12 +854,7 @@ pub async fn signal_container_process(
 ) -> ApiResult<StatusCode> {
     let pid = parse_pid(&processid)?;
     check_signal(body.signal)?;
-    let t = target(&s, &nodeid, &containerid).await?;
-    if find_process(&t, pid).await?.is_none() {
-        return Err(process_not_found(&t, pid));
-    }
-    signal_process_in(&t, pid, body.signal).await?;
-    Ok(StatusCode::NO_CONTENT)
+    direct::signal_process(&target(&s, &nodeid, &containerid).await?, pid, body.signal).await
 }
 
 // Files -----------------------------------------------------------------------------------------
@@ -1230,11 +874,11 @@ fn file_path(q: Result<Query<PathQuery>, QueryRejection>) -> ApiResult<String> {
 fn fs_error(t: &Target, command: &str, path: &str, message: &str) -> ApiError {
     let m = message.to_ascii_lowercase();
     if m.contains("no such file") || m.contains("not found") {
-        ApiError::NotFound(format!("{path} not found in container {}", t.name))
+        ApiError::NotFound(format!("{path} not found in container {}", t.place.name()))
     } else if m.contains("permission denied") || m.contains("read-only") {
         ApiError::Conflict(format!(
             "{command} of {path} in container {}: {message}",
-            t.name
+            t.place.name()
         ))
     } else if m.contains("is a directory")
         || m.contains("not a directory")
@@ -1243,12 +887,13 @@ fn fs_error(t: &Target, command: &str, path: &str, message: &str) -> ApiError {
     {
         ApiError::BadRequest(format!(
             "{command} of {path} in container {}: {message}",
-            t.name
+            t.place.name()
         ))
     } else {
         ApiError::Internal(format!(
             "node {}: {command} of {path} in container {}: {message}",
-            t.node, t.name
+            t.place.node(),
+            t.place.name()
         ))
     }
 }
@@ -1267,7 +912,7 @@ async fn fs_call<T: DeserializeOwned, A: serde::Serialize>(
 async fn fs_close(t: &Target, fd: &str) {
     let args = FsFdArgs { fd: fd.to_string() };
     if let Err(e) = t.call::<Value, _>(FS_CLOSE, &args).await {
-        tracing::warn!(node = %t.node, container = %t.name, error = %e, "cannot close file");
+        tracing::warn!(node = %t.place.node(), container = %t.place.name(), error = %e, "cannot close file");
     }
 }
 
@@ -1447,7 +1092,7 @@ async fn read_block(t: &Target, fd: &str, path: &str) -> ApiResult<Bytes> {
     base64::engine::general_purpose::STANDARD
         .decode(text.as_bytes())
         .map(Bytes::from)
-        .map_err(|e| ApiError::Internal(format!("node {}: bad base64 block: {e}", t.node)))
+        .map_err(|e| ApiError::Internal(format!("node {}: bad base64 block: {e}", t.place.node())))
 }
 
 /// Delete a file of a container: `?path=` or a JSON body `{"path": ...}`.
@@ -1502,6 +1147,7 @@ pub async fn delete_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn body(v: Value) -> CreateContainer {
         serde_json::from_value(v).expect("body")

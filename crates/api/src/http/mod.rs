@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod nodes;
 pub mod processes;
 pub mod sse;
+pub mod target;
 
 use crate::archive::Archive;
 use crate::auth::{self, Authenticator};

@@ -1,6 +1,7 @@
 //! `/nodes...`: the node registry (join, list, get) and a node's direct endpoints (reboot, ping,
 //! state and hardware info).
 
+use super::target::{self, Target};
 use super::{AppState, call_json};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{Json, Path};
@@ -11,9 +12,7 @@ use grid_client::NodeClient;
 use grid_proto::api::{
     CoreStateResult, CpuInfo, DiskInfo, ErrorBody, JoinRequest, MemInfo, NicInfo, Node, OsInfo,
 };
-use grid_proto::commands::{
-    CORE_PING, CORE_REBOOT, CORE_STATE, INFO_CPU, INFO_DISK, INFO_MEM, INFO_NIC, INFO_OS,
-};
+use grid_proto::commands::{CORE_REBOOT, INFO_CPU, INFO_DISK, INFO_MEM, INFO_NIC};
 use grid_proto::{Command, info};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -24,8 +23,6 @@ use subtle::ConstantTimeEq;
 const GIB: u64 = 1024 * 1024 * 1024;
 /// How long a node has to accept a reboot.
 const REBOOT_ACCEPT: Duration = Duration::from_secs(5);
-/// Budget of a ping.
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn unknown_node(id: &str) -> ApiError {
     ApiError::NotFound(format!("node {id} not found"))
@@ -188,16 +185,12 @@ pub async fn ping_node(
     State(s): State<AppState>,
     Path(nodeid): Path<String>,
 ) -> ApiResult<Json<bool>> {
-    let client = match s.node(&nodeid).await {
-        Ok(c) => c,
+    let t = match Target::node(&s, &nodeid).await {
+        Ok(t) => t,
         Err(ApiError::Unavailable(_)) => return Ok(Json(false)),
         Err(e) => return Err(e),
     };
-    let ok = matches!(
-        client.call(CORE_PING, json!({}), PING_TIMEOUT).await,
-        Ok(r) if r.state == grid_proto::State::Success
-    );
-    Ok(Json(ok))
+    Ok(Json(target::ping(&t).await))
 }
 
 /// CPU and memory used by the node's agent and its jobs.
@@ -215,9 +208,7 @@ pub async fn node_state(
     State(s): State<AppState>,
     Path(nodeid): Path<String>,
 ) -> ApiResult<Json<CoreStateResult>> {
-    let client = s.node(&nodeid).await?;
-    let st: info::CoreState = call_json(&client, &nodeid, CORE_STATE, &json!({})).await?;
-    Ok(Json(st.into()))
+    target::state(&Target::node(&s, &nodeid).await?).await
 }
 
 /// The node's CPUs.
@@ -332,9 +323,7 @@ pub async fn node_info(
     State(s): State<AppState>,
     Path(nodeid): Path<String>,
 ) -> ApiResult<Json<OsInfo>> {
-    let client = s.node(&nodeid).await?;
-    let os: info::OsInfo = call_json(&client, &nodeid, INFO_OS, &json!({})).await?;
-    Ok(Json(os.into()))
+    target::os_info(&Target::node(&s, &nodeid).await?).await
 }
 
 #[cfg(test)]
