@@ -672,3 +672,303 @@ impl Drop for GracefulProc {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Containers: a grid in a network namespace of the test's own, a busybox image, API helpers.
+
+/// Runs `test` on this thread, moved first into a new network namespace with `lo` up. Every
+/// process the test starts (redis-server, grid-api, core0, its containers) inherits it, and the
+/// runtime is single-threaded so every socket the test opens is made there too; the namespace
+/// disappears with the last of them. The NAT bridge, veths and nftables table of a default nic
+/// land there, never on the host.
+pub fn in_own_netns(test: impl std::future::Future<Output = ()>) {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("unshare a network namespace for the test thread (needs root)");
+    let status = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip link set lo up: {status}");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds")
+        .block_on(test);
+}
+
+/// A node index of its own for each container test of this test binary (900 to 999, apart from
+/// the ones core0's own tests use): the node's cgroups (`grid/n<idx>`) are shared by the whole
+/// host, so two tests at once must not both be node 0.
+pub fn node_idx() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 900 + u16::try_from(std::process::id() % 20).expect("below 20") * 5;
+    base + NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 5
+}
+
+/// The grid of one container test (an API and one node with its own node index); on drop,
+/// after the node's teardown, the node's cgroup parent `grid/n<idx>` is removed from the host.
+#[derive(Debug)]
+pub struct TestGrid {
+    grid: Option<Grid>,
+    /// The node's index (its cgroups are `grid/n<idx>`).
+    pub idx: u16,
+}
+
+impl TestGrid {
+    /// Starts grid-api and one core0 joined to it, and waits until the node runs.
+    pub async fn start() -> Self {
+        let idx = node_idx();
+        let api = Api::start(ApiOpts::default()).expect("grid-api starts");
+        let data_dir = test_dir("node");
+        std::fs::write(data_dir.join("node-index"), idx.to_string()).expect("node index");
+        let node = Core0::start(Core0Opts {
+            join: Some((api.url.clone(), api.join_token.clone())),
+            data_dir: Some(data_dir),
+            ..Core0Opts::default()
+        })
+        .expect("core0 starts");
+        let grid = Grid {
+            api,
+            nodes: vec![node],
+        };
+        grid.wait_status(&grid.nodes[0].node_id, "running", Duration::from_secs(20))
+            .await
+            .expect("the node joins");
+        Self {
+            grid: Some(grid),
+            idx,
+        }
+    }
+
+    /// The node's cgroup directories on the host (`<hierarchy>/grid/n<idx>` that exist).
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+            roots.extend(controllers.flatten().map(|c| c.path()));
+        }
+        for r in roots {
+            let d = r.join("grid").join(format!("n{}", self.idx));
+            if d.is_dir() {
+                out.push(d);
+            }
+        }
+        out
+    }
+}
+
+impl std::ops::Deref for TestGrid {
+    type Target = Grid;
+    fn deref(&self) -> &Grid {
+        self.grid.as_ref().expect("the grid lives until drop")
+    }
+}
+
+impl Drop for TestGrid {
+    fn drop(&mut self) {
+        drop(self.grid.take());
+        for d in self.cgroup_dirs() {
+            // Empty by now (core0's terminate or teardown removed the containers' cgroups).
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// A header with every numeric field set (an all-zero header is not a valid tar header).
+fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
+}
+
+/// The `/etc/passwd` of [`busybox_image`] (tests compare it with what they read back).
+pub const IMAGE_PASSWD: &str = "root:x:0:0:container root:/root:/bin/sh\n";
+
+/// Writes a root filesystem image (plain tar) holding `/bin/busybox` with a symlink per applet
+/// it lists, `/etc/hosts` and `/etc/passwd` ([`IMAGE_PASSWD`]); returns its path (an absolute
+/// path on the node, which is this host).
+pub fn busybox_image() -> PathBuf {
+    let dir = test_dir("image");
+    let path = dir.join("busybox.tar");
+    let file = std::fs::File::create(&path).expect("create image file");
+    let mut tar = tar::Builder::new(file);
+    for d in ["bin", "etc", "tmp", "proc", "dev", "sys", "root"] {
+        let mut h = tar_header(
+            tar::EntryType::Directory,
+            if d == "tmp" { 0o1777 } else { 0o755 },
+            0,
+        );
+        tar.append_data(&mut h, d, std::io::empty())
+            .expect("directory entry");
+    }
+    tar.append_path_with_name("/bin/busybox", "bin/busybox")
+        .expect("busybox entry");
+    let listed = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("run busybox --list");
+    let mut applets: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::to_string)
+        .filter(|a| !a.is_empty() && a != "busybox" && !a.contains('/'))
+        .collect();
+    for must in ["sh", "echo", "cat", "sleep", "ls", "true"] {
+        if !applets.iter().any(|a| a == must) {
+            applets.push(must.to_string());
+        }
+    }
+    applets.sort();
+    applets.dedup();
+    for applet in applets {
+        let mut h = tar_header(tar::EntryType::Symlink, 0o777, 0);
+        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .expect("applet link");
+    }
+    for (name, body) in [
+        ("etc/hosts", "127.0.0.1 localhost\n"),
+        ("etc/passwd", IMAGE_PASSWD),
+    ] {
+        let mut h = tar_header(tar::EntryType::Regular, 0o644, body.len() as u64);
+        tar.append_data(&mut h, name, body.as_bytes())
+            .expect("etc entry");
+    }
+    tar.finish().expect("finish image");
+    path
+}
+
+/// The API's create body for a container `name` from `image` with one default nic.
+pub fn create_body(name: &str, image: &Path) -> serde_json::Value {
+    serde_json::json!({"id": name, "hostname": name, "flist": image.to_str().expect("utf-8 path"),
+        "hostNetworking": false, "filesystems": [], "initprocesses": [], "ports": [],
+        "nics": [{"type": "default"}]})
+}
+
+/// Creates a container with `body` and checks the seed's answer: 204 with a Location.
+pub async fn create_container(http: &Http, node: &str, body: serde_json::Value) {
+    let name = body["id"]
+        .as_str()
+        .expect("the body names the container")
+        .to_string();
+    let r = http
+        .post(&format!("{node}/containers"), body)
+        .await
+        .expect("POST containers");
+    assert_eq!(r.status, 204, "create {name}: {}", r.text);
+    assert_eq!(
+        r.headers.get("location").and_then(|v| v.to_str().ok()),
+        Some(format!("{node}/containers/{name}").as_str())
+    );
+}
+
+/// Deletes a container through the API and checks the 204 (core0's teardown, when the node is
+/// dropped, removes what a failed test left).
+pub async fn remove_container(http: &Http, node: &str, name: &str) {
+    let r = http
+        .delete(&format!("{node}/containers/{name}"))
+        .await
+        .expect("DELETE container");
+    assert_eq!(r.status, 204, "delete {name}: {}", r.text);
+}
+
+/// Starts a process in the container at `base`; returns the job id from the 202's Location.
+pub async fn start_process(http: &Http, base: &str, body: serde_json::Value) -> String {
+    let r = http
+        .post(&format!("{base}/processes"), body)
+        .await
+        .expect("POST processes");
+    assert_eq!(r.status, 202, "{}", r.text);
+    let loc = r
+        .headers
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("202 carries a Location")
+        .to_string();
+    let prefix = format!("{base}/jobs/");
+    assert!(loc.starts_with(&prefix), "{loc}");
+    loc[prefix.len()..].to_string()
+}
+
+/// Polls a container job until it is no longer running; returns its result.
+pub async fn wait_job(http: &Http, base: &str, id: &str) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let r = http
+            .get(&format!("{base}/jobs/{id}"))
+            .await
+            .expect("GET job");
+        assert_eq!(r.status, 200, "{}", r.text);
+        if r.json["state"] != "running" {
+            return r.json;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "job {id} hangs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A multipart body with one field `file`: (content type, body).
+pub fn multipart(content: &[u8]) -> (String, Vec<u8>) {
+    let boundary = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(content);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// Percent-encodes a query value (everything but unreserved characters and `/`).
+pub fn query_escape(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Uploads `content` to `path` in the container at `base`; returns the status.
+pub async fn upload(http: &Http, base: &str, path: &str, content: &[u8]) -> u16 {
+    let (ct, body) = multipart(content);
+    let r = http
+        .inner
+        .post(format!(
+            "{}{base}/filesystem?path={}",
+            http.base,
+            query_escape(path)
+        ))
+        .bearer_auth(http.token.as_deref().unwrap_or(""))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .expect("upload");
+    r.status().as_u16()
+}
+
+/// Downloads `path` from the container at `base`: (status, body).
+pub async fn download(http: &Http, base: &str, path: &str) -> (u16, Vec<u8>) {
+    let r = http
+        .inner
+        .get(format!(
+            "{}{base}/filesystem?path={}",
+            http.base,
+            query_escape(path)
+        ))
+        .bearer_auth(http.token.as_deref().unwrap_or(""))
+        .send()
+        .await
+        .expect("download");
+    let status = r.status().as_u16();
+    (status, r.bytes().await.expect("body").to_vec())
+}

@@ -7,240 +7,21 @@
 //! container a test makes is deleted through the API at the end, and core0's teardown (on drop of
 //! the node) removes anything left.
 
-use grid_tests::{Api, ApiOpts, Core0, Core0Opts, Grid, Http, test_dir};
-use serde_json::{Value, json};
-use std::future::Future;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU16, Ordering};
+use grid_tests::{
+    Http, TestGrid, busybox_image, create_body, create_container, download, in_own_netns,
+    remove_container, start_process, test_dir, upload, wait_job,
+};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// Runs `test` on this thread, moved first into a new network namespace with `lo` up. Every
-/// process the test starts (redis-server, grid-api, core0, its containers) inherits it, and the
-/// runtime is single-threaded so every socket the test opens is made there too; the namespace
-/// disappears with the last of them.
-fn in_own_netns(test: impl Future<Output = ()>) {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .expect("unshare a network namespace for the test thread (needs root)");
-    let status = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .expect("run ip");
-    assert!(status.success(), "ip link set lo up: {status}");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread runtime builds")
-        .block_on(test);
-}
-
-/// A node index of its own for each test of this run (900 to 999, apart from the ones
-/// core0's own tests use): the node's cgroups (`grid/n<idx>`) are shared by the whole host, so
-/// two tests at once must not both be node 0.
-fn node_idx() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 900 + u16::try_from(std::process::id() % 20).expect("below 20") * 5;
-    base + NEXT.fetch_add(1, Ordering::SeqCst) % 5
-}
-
-/// The grid of one test (an API and one node with its own node index); on drop, after the
-/// node's teardown, the node's cgroup parent `grid/n<idx>` is removed from the host.
-struct TestGrid {
-    grid: Option<Grid>,
-    idx: u16,
-}
-
-impl TestGrid {
-    async fn start() -> Self {
-        let idx = node_idx();
-        let api = Api::start(ApiOpts::default()).expect("grid-api starts");
-        let data_dir = test_dir("node");
-        std::fs::write(data_dir.join("node-index"), idx.to_string()).expect("node index");
-        let node = Core0::start(Core0Opts {
-            join: Some((api.url.clone(), api.join_token.clone())),
-            data_dir: Some(data_dir),
-            ..Core0Opts::default()
-        })
-        .expect("core0 starts");
-        let grid = Grid {
-            api,
-            nodes: vec![node],
-        };
-        grid.wait_status(&grid.nodes[0].node_id, "running", Duration::from_secs(20))
-            .await
-            .expect("the node joins");
-        Self {
-            grid: Some(grid),
-            idx,
-        }
-    }
-}
-
-impl std::ops::Deref for TestGrid {
-    type Target = Grid;
-    fn deref(&self) -> &Grid {
-        self.grid.as_ref().expect("the grid lives until drop")
-    }
-}
-
-impl Drop for TestGrid {
-    fn drop(&mut self) {
-        drop(self.grid.take());
-        let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
-            return;
-        };
-        for c in controllers.flatten() {
-            // Empty by now (core0's terminate or teardown removed the containers' cgroups).
-            let _ = std::fs::remove_dir(c.path().join("grid").join(format!("n{}", self.idx)));
-        }
-    }
-}
-
-/// A header with every numeric field set (an all-zero header is not a valid tar header).
-fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_size(size);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h
-}
-
-/// Writes a root filesystem image (plain tar) holding `/bin/busybox` and the applets the tests
-/// use as symlinks; returns its path (an absolute path on the node, which is this host).
-fn busybox_image() -> PathBuf {
-    let dir = test_dir("image");
-    let path = dir.join("busybox.tar");
-    let file = std::fs::File::create(&path).expect("create image file");
-    let mut tar = tar::Builder::new(file);
-    for d in ["bin", "etc", "tmp", "proc", "dev", "sys", "root"] {
-        let mut h = header(
-            tar::EntryType::Directory,
-            if d == "tmp" { 0o1777 } else { 0o755 },
-            0,
-        );
-        tar.append_data(&mut h, d, std::io::empty())
-            .expect("directory entry");
-    }
-    tar.append_path_with_name("/bin/busybox", "bin/busybox")
-        .expect("busybox entry");
-    for applet in [
-        "sh", "echo", "cat", "sleep", "ls", "hostname", "ps", "true", "false", "wc",
-    ] {
-        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
-        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
-            .expect("applet link");
-    }
-    let hosts = b"127.0.0.1 localhost\n";
-    let mut h = header(tar::EntryType::Regular, 0o644, hosts.len() as u64);
-    tar.append_data(&mut h, "etc/hosts", &hosts[..])
-        .expect("hosts entry");
-    tar.finish().expect("finish image");
-    path
-}
-
-fn create_body(name: &str, image: &std::path::Path) -> Value {
-    json!({"id": name, "hostname": name, "flist": image.to_str().expect("utf-8 path"),
-        "hostNetworking": false, "filesystems": [], "initprocesses": [], "ports": [],
-        "nics": [{"type": "default"}]})
-}
-
-/// Creates a container and checks the seed's answer: 204 with a Location.
+/// Creates a container with one default nic and checks the seed's answer.
 async fn create(http: &Http, node: &str, name: &str, image: &std::path::Path) {
-    let r = http
-        .post(&format!("{node}/containers"), create_body(name, image))
-        .await
-        .expect("POST containers");
-    assert_eq!(r.status, 204, "{}", r.text);
-    assert_eq!(
-        r.headers.get("location").and_then(|v| v.to_str().ok()),
-        Some(format!("{node}/containers/{name}").as_str())
-    );
+    create_container(http, node, create_body(name, image)).await;
 }
 
-/// Deletes a container through the API and checks the 204 (core0's teardown, when the node is
-/// dropped, removes what a failed test left).
+/// Deletes a container through the API and checks the 204.
 async fn remove(http: &Http, node: &str, name: &str) {
-    let r = http
-        .delete(&format!("{node}/containers/{name}"))
-        .await
-        .expect("DELETE container");
-    assert_eq!(r.status, 204, "{}", r.text);
-}
-
-/// Starts a process in the container; returns the job id from the 202's Location.
-async fn start_process(http: &Http, base: &str, body: Value) -> String {
-    let r = http
-        .post(&format!("{base}/processes"), body)
-        .await
-        .expect("POST processes");
-    assert_eq!(r.status, 202, "{}", r.text);
-    let loc = r
-        .headers
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .expect("202 carries a Location")
-        .to_string();
-    let prefix = format!("{base}/jobs/");
-    assert!(loc.starts_with(&prefix), "{loc}");
-    loc[prefix.len()..].to_string()
-}
-
-async fn wait_job(http: &Http, base: &str, id: &str) -> Value {
-    let start = Instant::now();
-    loop {
-        let r = http
-            .get(&format!("{base}/jobs/{id}"))
-            .await
-            .expect("GET job");
-        assert_eq!(r.status, 200, "{}", r.text);
-        if r.json["state"] != "running" {
-            return r.json;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "job {id} hangs");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A multipart body with one field `file`.
-fn multipart(content: &[u8]) -> (String, Vec<u8>) {
-    let boundary = format!("test-{}", uuid::Uuid::new_v4().simple());
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(content);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-async fn upload(http: &Http, base: &str, path: &str, content: &[u8]) -> u16 {
-    let (ct, body) = multipart(content);
-    let r = http
-        .inner
-        .post(format!("{}{base}/filesystem?path={path}", http.base))
-        .bearer_auth(http.token.as_deref().unwrap_or(""))
-        .header("content-type", ct)
-        .body(body)
-        .send()
-        .await
-        .expect("upload");
-    r.status().as_u16()
-}
-
-async fn download(http: &Http, base: &str, path: &str) -> (u16, Vec<u8>) {
-    let r = http
-        .inner
-        .get(format!("{}{base}/filesystem?path={path}", http.base))
-        .bearer_auth(http.token.as_deref().unwrap_or(""))
-        .send()
-        .await
-        .expect("download");
-    let status = r.status().as_u16();
-    (status, r.bytes().await.expect("body").to_vec())
+    remove_container(http, node, name).await;
 }
 
 #[test]
@@ -354,19 +135,31 @@ async fn processes_and_jobs_inside_a_container_body() {
         .cloned()
         .expect("the job is listed");
     assert!(item["startTime"].as_i64().is_some_and(|t| t > 0));
-    let r = http
-        .get(&format!("{base}/processes"))
-        .await
-        .expect("processes");
-    assert_eq!(r.status, 200, "{}", r.text);
-    let p = r
-        .json
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|p| p["cmdline"].as_str().is_some_and(|c| c.contains("sleep")))
-        .cloned()
-        .expect("the sleep process is listed");
+    // The job is accepted before corex has exec'd its process: wait for it to appear.
+    let started = Instant::now();
+    let p = loop {
+        let r = http
+            .get(&format!("{base}/processes"))
+            .await
+            .expect("processes");
+        assert_eq!(r.status, 200, "{}", r.text);
+        if let Some(p) = r
+            .json
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|p| p["cmdline"].as_str().is_some_and(|c| c.contains("sleep")))
+            .cloned()
+        {
+            break p;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the sleep process is listed: {}",
+            r.text
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     for k in [
         "guestnice",
         "idle",
