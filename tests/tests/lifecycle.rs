@@ -180,6 +180,25 @@ fn a_command_whose_caller_gave_up_never_runs_later() {
     // 2. An agent that is frozen while it holds the command: it drops it (deadline) on waking.
     let mut node = Core0::start(node_opts.clone()).expect("core0");
     node.proc.signal(libc::SIGSTOP);
+    // kill(2) returns before the target stops: wait until every thread of the agent is stopped,
+    // so that it cannot take the command in time (a command taken before its deadline runs).
+    let pid = node.proc.pid();
+    grid_tests::wait_until("core0 is stopped", Duration::from_secs(10), || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|s| {
+                            s.rsplit_once(')')
+                                .map(|(_, r)| r.trim_start().starts_with('T'))
+                        })
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false)
+    })
+    .expect("SIGSTOP takes effect");
     let err = rt
         .block_on(client.call(
             "bash",
