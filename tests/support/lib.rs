@@ -875,7 +875,8 @@ pub async fn remove_container(http: &Http, node: &str, name: &str) {
     assert_eq!(r.status, 204, "delete {name}: {}", r.text);
 }
 
-/// Starts a process in the container at `base`; returns the job id from the 202's Location.
+/// Starts a process on the node or in the container at `base`; returns the job id from the
+/// 202's Location.
 pub async fn start_process(http: &Http, base: &str, body: serde_json::Value) -> String {
     let r = http
         .post(&format!("{base}/processes"), body)
@@ -893,8 +894,19 @@ pub async fn start_process(http: &Http, base: &str, body: serde_json::Value) -> 
     loc[prefix.len()..].to_string()
 }
 
-/// Polls a container job until it is no longer running; returns its result.
+/// Polls a job of the node or container at `base` until it is no longer running (30 s at most);
+/// returns its result.
 pub async fn wait_job(http: &Http, base: &str, id: &str) -> serde_json::Value {
+    wait_job_within(http, base, id, Duration::from_secs(30)).await
+}
+
+/// [`wait_job`] with a time limit of its own.
+pub async fn wait_job_within(
+    http: &Http,
+    base: &str,
+    id: &str,
+    timeout: Duration,
+) -> serde_json::Value {
     let start = Instant::now();
     loop {
         let r = http
@@ -905,7 +917,10 @@ pub async fn wait_job(http: &Http, base: &str, id: &str) -> serde_json::Value {
         if r.json["state"] != "running" {
             return r.json;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "job {id} hangs");
+        assert!(
+            start.elapsed() < timeout,
+            "job {id} still running after {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -1,6 +1,6 @@
 //! End to end: grid-api + core0 + redis-server, driven over HTTP, checked against the host.
 
-use grid_tests::{Grid, Http};
+use grid_tests::{Grid, Http, start_process, wait_job_within};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -12,44 +12,6 @@ fn meminfo_kib(key: &str) -> u64 {
             (k == key).then(|| v.split_whitespace().next()?.parse().ok())?
         })
         .unwrap_or_else(|| panic!("{key} in /proc/meminfo"))
-}
-
-/// Starts a process job through the API and returns its job id (from `Location`).
-async fn start_job(http: &Http, node: &str, body: Value) -> String {
-    let r = http
-        .post(&format!("{node}/processes"), body)
-        .await
-        .expect("POST processes");
-    assert_eq!(r.status, 202, "{}", r.text);
-    let loc = r
-        .headers
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .expect("202 carries a Location")
-        .to_string();
-    let prefix = format!("{node}/jobs/");
-    assert!(loc.starts_with(&prefix), "{loc}");
-    loc[prefix.len()..].to_string()
-}
-
-/// Polls the job until it is no longer running and returns its result.
-async fn wait_job(http: &Http, node: &str, id: &str, timeout: Duration) -> Value {
-    let start = Instant::now();
-    loop {
-        let r = http
-            .get(&format!("{node}/jobs/{id}"))
-            .await
-            .expect("GET job");
-        assert_eq!(r.status, 200, "{}", r.text);
-        if r.json["state"] != "running" {
-            return r.json;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "job {id} still running after {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Finds the pid of the process whose command line contains `marker`, through the API.
@@ -196,7 +158,7 @@ async fn a_job_is_a_real_process_listed_killable_by_job_id_and_by_pid() {
 
     // A busy loop, named by a marker so it can be found among the host's processes.
     let marker = format!("busy-{}", uuid::Uuid::new_v4().simple());
-    let id = start_job(
+    let id = start_process(
         &http,
         &node,
         json!({"name": "sh", "args": ["-c", "while :; do :; done", marker], "maxTime": 60}),
@@ -247,13 +209,13 @@ async fn a_job_is_a_real_process_listed_killable_by_job_id_and_by_pid() {
         .await
         .expect("kill job");
     assert_eq!(r.status, 204, "{}", r.text);
-    let result = wait_job(&http, &node, &id, Duration::from_secs(10)).await;
+    let result = wait_job_within(&http, &node, &id, Duration::from_secs(10)).await;
     assert_eq!(result["state"], "killed", "{result}");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie_free(pid));
 
     // Kill by pid.
     let marker2 = format!("sleeper-{}", uuid::Uuid::new_v4().simple());
-    let id2 = start_job(
+    let id2 = start_process(
         &http,
         &node,
         json!({"name": "sh", "args": ["-c", "sleep 600", marker2]}),
@@ -265,7 +227,7 @@ async fn a_job_is_a_real_process_listed_killable_by_job_id_and_by_pid() {
         .await
         .expect("kill pid");
     assert_eq!(r.status, 204, "{}", r.text);
-    let result = wait_job(&http, &node, &id2, Duration::from_secs(10)).await;
+    let result = wait_job_within(&http, &node, &id2, Duration::from_secs(10)).await;
     assert_ne!(result["state"], "success", "{result}");
     let r = http
         .get(&format!("{node}/processes/{pid2}"))
@@ -286,13 +248,13 @@ async fn exit_codes_timeouts_and_results_through_the_api() {
     let http = grid.api.client();
     let node = grid.node_path(0);
 
-    let ok = start_job(
+    let ok = start_process(
         &http,
         &node,
         json!({"name": "sh", "args": ["-c", "echo out; echo err >&2"]}),
     )
     .await;
-    let r = wait_job(&http, &node, &ok, Duration::from_secs(10)).await;
+    let r = wait_job_within(&http, &node, &ok, Duration::from_secs(10)).await;
     assert_eq!(r["state"], "success", "{r}");
     assert_eq!(r["code"], 0);
     assert_eq!(r["stdout"], "out\n");
@@ -300,41 +262,41 @@ async fn exit_codes_timeouts_and_results_through_the_api() {
     assert_eq!(r["name"], "core.system");
     assert!(r["startTime"].as_i64().unwrap_or(0) > 1_600_000_000_000);
 
-    let bad = start_job(
+    let bad = start_process(
         &http,
         &node,
         json!({"name": "sh", "args": ["-c", "exit 7"]}),
     )
     .await;
-    let r = wait_job(&http, &node, &bad, Duration::from_secs(10)).await;
+    let r = wait_job_within(&http, &node, &bad, Duration::from_secs(10)).await;
     assert_eq!(
         (r["state"].clone(), r["code"].clone()),
         (json!("error"), json!(7)),
         "{r}"
     );
 
-    let env = start_job(
+    let env = start_process(
         &http,
         &node,
         json!({"name": "sh", "args": ["-c", "echo $GRID_X; pwd; cat"], "env": ["GRID_X=42"], "pwd": "/tmp", "stdin": "in"}),
     )
     .await;
-    let r = wait_job(&http, &node, &env, Duration::from_secs(10)).await;
+    let r = wait_job_within(&http, &node, &env, Duration::from_secs(10)).await;
     assert_eq!(r["stdout"], "42\n/tmp\nin\n", "{r}");
 
     let started = Instant::now();
-    let slow = start_job(
+    let slow = start_process(
         &http,
         &node,
         json!({"name": "sleep", "args": ["30"], "maxTime": 1}),
     )
     .await;
-    let r = wait_job(&http, &node, &slow, Duration::from_secs(10)).await;
+    let r = wait_job_within(&http, &node, &slow, Duration::from_secs(10)).await;
     assert_eq!(r["state"], "timeout", "{r}");
     assert!(started.elapsed() < Duration::from_secs(8));
 
-    let missing = start_job(&http, &node, json!({"name": "/nonexistent/grid-binary"})).await;
-    let r = wait_job(&http, &node, &missing, Duration::from_secs(10)).await;
+    let missing = start_process(&http, &node, json!({"name": "/nonexistent/grid-binary"})).await;
+    let r = wait_job_within(&http, &node, &missing, Duration::from_secs(10)).await;
     assert_eq!(r["state"], "error", "{r}");
 
     let r = http
@@ -350,7 +312,7 @@ async fn streamed_lines_arrive_in_order_over_sse() {
     let grid = Grid::start(1).await.expect("grid");
     let http = grid.api.client();
     let node = grid.node_path(0);
-    let id = start_job(
+    let id = start_process(
         &http,
         &node,
         json!({"name": "sh", "args": ["-c", "for i in $(seq 1 50); do echo line$i; done; echo bad >&2; exit 4"]}),
