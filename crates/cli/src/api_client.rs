@@ -105,20 +105,7 @@ impl ApiClient {
         if let Some(timeout) = timeout {
             req = req.timeout(timeout);
         }
-        let resp = req.send().await.map_err(|source| ApiError::Request {
-            method: method.clone(),
-            url: url.clone(),
-            source,
-        })?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        let text = resp.text().await.unwrap_or_default();
-        Err(ApiError::Status {
-            status: status.as_u16(),
-            message: error_message(status, &text),
-        })
+        finish(method, url, req).await
     }
 
     /// Sends a request with a raw (possibly streamed) body of `content_type` and no timeout; an
@@ -139,20 +126,7 @@ impl ApiClient {
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await.map_err(|source| ApiError::Request {
-            method: method.clone(),
-            url: url.clone(),
-            source,
-        })?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        let text = resp.text().await.unwrap_or_default();
-        Err(ApiError::Status {
-            status: status.as_u16(),
-            message: error_message(status, &text),
-        })
+        finish(method, url, req).await
     }
 
     /// `GET path`, the body as bytes.
@@ -213,6 +187,28 @@ async fn read_bytes(method: Method, path: &str, resp: Response) -> Result<Vec<u8
             },
             source,
         })
+}
+
+/// Sends a prepared request; an error status becomes [`ApiError::Status`] with the API's message.
+async fn finish(
+    method: Method,
+    url: String,
+    req: reqwest::RequestBuilder,
+) -> Result<Response, ApiError> {
+    let resp = req.send().await.map_err(|source| ApiError::Request {
+        method,
+        url,
+        source,
+    })?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    Err(ApiError::Status {
+        status: status.as_u16(),
+        message: error_message(status, &text),
+    })
 }
 
 /// The message of an error answer: the `error` field of a JSON body, else the body text, else the
