@@ -537,21 +537,6 @@ fn epoch_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// A file name for job `id` (ids are client text).
-fn safe_name(id: &str) -> String {
-    let plain = !id.is_empty()
-        && !id.starts_with('.')
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if plain {
-        id.to_string()
-    } else {
-        format!("x-{}", hex::encode(id.as_bytes()))
-    }
-}
-
 /// The container's hostname: the given one (or the name) as is — `vfw_22` stays `vfw_22`, as
 /// in the seed — with any other character outside `[A-Za-z0-9_.-]` replaced by `-`.
 fn hostname_of(args: &CreateArgs, id: u32) -> String {
@@ -1453,7 +1438,12 @@ impl ContainerManager {
         };
         let stored = std::fs::create_dir_all(&jobs_dir)
             .map_err(io_err(&jobs_dir))
-            .and_then(|()| write_json(&jobs_dir.join(format!("{}.json", safe_name(&cmd.id))), &jf));
+            .and_then(|()| {
+                write_json(
+                    &jobs_dir.join(format!("{}.json", crate::jobs::safe_name(&cmd.id))),
+                    &jf,
+                )
+            });
         if let Err(e) = stored {
             lock(&jobs).remove(&cmd.id);
             lock(&routes).remove(&cmd.id);
@@ -1760,7 +1750,10 @@ fn read_job_files(dir: &Path) -> Vec<JobFile> {
 }
 
 fn remove_job_file(dir: &Path, id: &str) {
-    let _ = std::fs::remove_file(dir.join("jobs").join(format!("{}.json", safe_name(id))));
+    let _ = std::fs::remove_file(
+        dir.join("jobs")
+            .join(format!("{}.json", crate::jobs::safe_name(id))),
+    );
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub mod pgid;
 mod queue;
 mod run;
 
+pub(crate) use run::safe_name;
+
 use crate::builtins::{Power, Registry};
 use grid_proto::info::{CoreState, JobInfo};
 use grid_proto::wire::{Command, CommandResult, State, StreamRecord};

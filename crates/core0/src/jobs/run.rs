@@ -142,7 +142,7 @@ fn record(id: &str, text: String, meta: u32) -> StreamRecord {
 }
 
 /// A file name for job `id` (ids are client text).
-fn safe_name(id: &str) -> String {
+pub(crate) fn safe_name(id: &str) -> String {
     let plain = !id.is_empty()
         && !id.starts_with('.')
         && id.len() <= 128
