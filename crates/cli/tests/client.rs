@@ -268,7 +268,7 @@ async fn job_run_maps_timeout_and_falls_back_to_the_result() {
     script.insert(
         "POST /nodes/n1/processes".into(),
         vec![
-            b"HTTP/1.1 202 Accepted\r\nlocation: /nodes/n1/jobs/j2\r\ncontent-length: 0\r\n\r\n"
+            b"HTTP/1.1 202 Accepted\r\nlocation: /nodes/n1/jobs/j2\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                 .to_vec(),
         ],
     );
