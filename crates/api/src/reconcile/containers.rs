@@ -614,14 +614,7 @@ impl Controller for ContainersController {
                     Err(e) => Err(ApplyError::Failed(e.message)),
                 };
             };
-            let spec: ContainerSpec =
-                serde_json::from_value(desired.spec.clone()).map_err(|source| {
-                    ApplyError::InvalidSpec {
-                        kind: KIND,
-                        name: name.to_string(),
-                        source,
-                    }
-                })?;
+            let spec: ContainerSpec = desired.decode(KIND, name)?;
             Ok(match self.apply_spec(&spec, desired.generation).await {
                 Ok(data) => Observed::new(
                     match data.status {

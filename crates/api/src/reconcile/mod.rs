@@ -129,6 +129,21 @@ pub struct Desired {
     pub spec: Value,
 }
 
+impl Desired {
+    /// The spec decoded as `T`; [`ApplyError::InvalidSpec`] naming `kind/name` when it does not fit.
+    pub fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &'static str,
+        name: &str,
+    ) -> Result<T, ApplyError> {
+        serde_json::from_value(self.spec.clone()).map_err(|source| ApplyError::InvalidSpec {
+            kind,
+            name: name.to_string(),
+            source,
+        })
+    }
+}
+
 /// The outcome of the last apply, at `observed/<kind>/<name>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Observed {

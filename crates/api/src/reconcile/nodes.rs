@@ -462,14 +462,7 @@ impl Controller for NodesController {
                 self.lock().remove(name);
                 return Ok(Observed::new(STATUS_HALTED, Value::Null));
             };
-            let spec: NodeSpec =
-                serde_json::from_value(desired.spec.clone()).map_err(|source| {
-                    ApplyError::InvalidSpec {
-                        kind: KIND,
-                        name: name.to_string(),
-                        source,
-                    }
-                })?;
+            let spec: NodeSpec = desired.decode(KIND, name)?;
             Ok(self.check(name, spec).await)
         })
     }
