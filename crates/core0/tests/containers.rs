@@ -2,6 +2,9 @@
 //! unix socket, a busybox image built here as a `file://` tarball, driven only with raw Redis
 //! commands. Networking tests run core0 inside a network namespace the test makes.
 
+mod common;
+
+use common::{push, result};
 use grid_proto::wire::{CommandResult, State, StreamRecord, meta};
 use serde_json::{Value, json};
 use std::io::BufRead;
@@ -277,26 +280,6 @@ impl Image {
             _dir: dir,
         }
     }
-}
-
-fn push(c: &mut redis::Connection, cmd: Value) {
-    let _: i64 = redis::cmd("RPUSH")
-        .arg("core:default")
-        .arg(cmd.to_string())
-        .query(c)
-        .expect("rpush command");
-}
-
-fn result(c: &mut redis::Connection, id: &str, secs: u64) -> CommandResult {
-    let key = format!("result:{id}");
-    let text: Option<String> = redis::cmd("BRPOPLPUSH")
-        .arg(&key)
-        .arg(&key)
-        .arg(secs)
-        .query(c)
-        .expect("brpoplpush");
-    serde_json::from_str(&text.unwrap_or_else(|| panic!("no result for {id} within {secs}s")))
-        .expect("result json")
 }
 
 fn run(c: &mut redis::Connection, id: &str, command: &str, args: Value) -> CommandResult {

@@ -1,6 +1,9 @@
 //! End-to-end tests of the core0 binary, driven only with raw Redis commands, as a 2017 client
 //! would: a real redis-server on a free port, the real `core0` binary, real processes.
 
+mod common;
+
+use common::{push, result};
 use grid_proto::wire::{CommandResult, State, StreamRecord, meta};
 use serde_json::{Value, json};
 use std::io::BufRead;
@@ -163,26 +166,6 @@ impl Drop for Core0 {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-fn push(c: &mut redis::Connection, cmd: Value) {
-    let _: i64 = redis::cmd("RPUSH")
-        .arg("core:default")
-        .arg(cmd.to_string())
-        .query(c)
-        .expect("rpush command");
-}
-
-fn result(c: &mut redis::Connection, id: &str, secs: u64) -> CommandResult {
-    let key = format!("result:{id}");
-    let text: Option<String> = redis::cmd("BRPOPLPUSH")
-        .arg(&key)
-        .arg(&key)
-        .arg(secs)
-        .query(c)
-        .expect("brpoplpush");
-    serde_json::from_str(&text.unwrap_or_else(|| panic!("no result for {id} within {secs}s")))
-        .expect("result json")
 }
 
 fn wait_flag(c: &mut redis::Connection, id: &str) {
