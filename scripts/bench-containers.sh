@@ -99,8 +99,8 @@ if [ "${1:-}" = "--in-netns" ]; then
         "$(q "${GB[@]}" corex-create "${R[@]}" --image "$IMAGE" --name gb-n --nic)" >/dev/null
     "${GB[@]}" corex-terminate "${R[@]}" --name gb-n
 
-    # Through the API. curl with "nics": [] (the same container as the core0 rows), and the CLI,
-    # whose create always asks for a default nic (no flag for none).
+    # Through the API: curl and the grid CLI with "nics": [] (the same container as the core0
+    # rows), and the CLI with a default nic.
     NODE=$URL/nodes/benchnode
     printf '{"id":"ba","hostname":"ba","flist":"%s","hostNetworking":false,"filesystems":[],"initprocesses":[],"ports":[],"nics":[]}' \
         "$IMAGE" >"$W/ba.json"
@@ -115,6 +115,12 @@ if [ "${1:-}" = "--in-netns" ]; then
     "${HF[@]}" --export-json "$O/api-delete.json" \
         --prepare "$(q "${CURL[@]}" -X POST -H 'content-type: application/json' --data-binary "@$W/ba.json" "$NODE/containers")" \
         "$(q "${CURL[@]}" -X DELETE "$NODE/containers/ba")" >/dev/null
+    echo "API (grid CLI): create to running, no nic" >&2
+    "$BIN/grid" container create benchnode bn --image "$IMAGE" --no-nic >/dev/null
+    "${HF[@]}" --export-json "$O/cli-create-nonic.json" \
+        --prepare "$(q "$BIN/grid" container rm benchnode bn)" \
+        "$(q "$BIN/grid" container create benchnode bn --image "$IMAGE" --no-nic)" >/dev/null
+    "$BIN/grid" container rm benchnode bn >/dev/null
     echo "API (grid CLI): create to running, default nic" >&2
     "$BIN/grid" container create benchnode bc --image "$IMAGE" >/dev/null
     "${HF[@]}" --export-json "$O/cli-create.json" \
@@ -228,7 +234,7 @@ def ms(m):
     return f"{m['med']:.2f} (min {m['min']:.2f}, p90 {m['p90']:.2f}, max {m['max']:.2f})" if m else "failed"
 
 o = {k: med(f"{O}/{k}.json") for k in ["core0-create", "core0-delete", "core0-start-delete", "core0-create-nic",
-     "api-create", "api-delete", "cli-create", "cli-delete", "core0-exec", "core0-exec-id", "cli-exec"]}
+     "api-create", "api-delete", "cli-create-nonic", "cli-create", "cli-delete", "core0-exec", "core0-exec-id", "cli-exec"]}
 mem = dict(kv.split("=") for kv in open(f"{O}/mem.txt").read().split()) if os.path.exists(f"{O}/mem.txt") else {}
 rtt = open(f"{O}/rtt.txt").read().strip() if os.path.exists(f"{O}/rtt.txt") else "missing"
 
@@ -259,7 +265,8 @@ row("start + delete in one process, core0 (`grid-bench corex-start-delete`)", o[
 row("start to running, core0, default nic (veth, address)", o["core0-create-nic"], f"lxc-execute with veth {peer('lxc-execute-veth')} (run /bin/true, not detached)", "")
 row("start to running, API (`curl POST .../containers`, nics [])", o["api-create"], f"LXD launch {peer('lxd-launch')}", "< 12")
 row("delete, API (`curl DELETE .../containers/{name}`)", o["api-delete"], "-", "")
-row("start to running, API (`grid container create`, default nic)", o["cli-create"], f"LXD launch {peer('lxd-launch')}", "< 12")
+row("start to running, API (`grid container create --no-nic`)", o["cli-create-nonic"], f"LXD launch {peer('lxd-launch')}", "< 12")
+row("start to running, API (`grid container create`, default nic)", o["cli-create"], f"LXD launch {peer('lxd-launch')}", "")
 row("delete, API (`grid container rm`)", o["cli-delete"], "-", "")
 s = o["api-create"], o["api-delete"]
 if all(s):
@@ -298,5 +305,5 @@ print(f"Raw core0 round trip in the same run (one client process, {rtt})")
 print()
 print("Hyperfine commands: `grid-bench corex-create --redis A --password P --image file://…/busybox.tar.gz --name gb-c`, "
       "`grid-bench corex-exec … --name gb-x -- true`, `curl -sf -X POST -H 'Authorization: Bearer …' --data-binary @ba.json …/nodes/benchnode/containers`, "
-      "`grid container create benchnode bc --image …`, `grid container exec benchnode bx -- true`.")
+      "`grid container create benchnode bn --image … --no-nic`, `grid container exec benchnode bx -- true`.")
 PY

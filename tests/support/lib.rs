@@ -448,7 +448,13 @@ impl Api {
             std::fs::write(&path, toml)?;
             cmd.arg("--config").arg(path);
         }
-        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        // grid-api logs to stdout: shown with GRID_TEST_API_LOG set (RUST_LOG picks the level).
+        let log = if std::env::var_os("GRID_TEST_API_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        cmd.stdout(log).stderr(Stdio::inherit());
         let child = cmd.spawn().context("start grid-api")?;
         let api = Self {
             url: format!("http://127.0.0.1:{port}"),

@@ -315,13 +315,29 @@ async fn the_container_comes_back_after_a_safe_reboot_body() {
     let base = format!("{node}/containers/phoenix");
     assert_eq!(upload(&http, &base, "/root/keep", b"kept").await, 204);
 
+    let instance = |v: &serde_json::Value| v["instanceId"].as_str().map(String::from);
+    let before = instance(&http.get(&format!("{node}/info")).await.expect("info").json);
+    assert!(before.is_some(), "node info has an instance id");
     let r = http
         .post_empty(&format!("{node}/reboot"))
         .await
         .expect("reboot");
     assert_eq!(r.status, 204, "{}", r.text);
-    // The reconciler brings it back (resync every 10 s) with its filesystem.
+    // The reboot happens after its answer: until the node answers as a new instance, the old
+    // one (and its container) may still be there.
     let start = Instant::now();
+    loop {
+        let r = http.get(&format!("{node}/info")).await.expect("info");
+        if r.status == 200 && instance(&r.json).is_some_and(|i| Some(&i) != before.as_ref()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "node not back as a new instance after the reboot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The reconciler brings the container back (resync every 10 s) with its filesystem.
     loop {
         let r = http
             .post_empty(&format!("{base}/ping"))

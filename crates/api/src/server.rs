@@ -110,6 +110,14 @@ pub async fn run_http(
     shutdown: Shutdown,
     grace: Duration,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // No Nagle: an SSE event or a small answer written after the headers would otherwise wait
+    // for the client's delayed ACK (40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app)
         .with_graceful_shutdown({
             let shutdown = shutdown.clone();

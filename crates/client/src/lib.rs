@@ -139,6 +139,13 @@ fn redis_url(addr: &str, password: Option<&str>) -> String {
     }
 }
 
+/// Connections for blocking commands: the wait is bounded by [`NodeClient::blocking`] itself.
+fn blocking_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(None)
+}
+
 impl NodeClient {
     /// Connects to a node's Redis at `host:port` (AUTH with `password` when given).
     pub async fn connect(addr: &str, password: Option<&str>) -> Result<Self, ClientError> {
@@ -150,16 +157,19 @@ impl NodeClient {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)));
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(connect_err)?;
+        // The first call needs a connection for its blocking wait too: open it alongside.
+        let waiter_config = blocking_config();
+        let (conn, waiter) = tokio::join!(
+            client.get_multiplexed_async_connection_with_config(&config),
+            client.get_multiplexed_async_connection_with_config(&waiter_config),
+        );
+        let conn = conn.map_err(connect_err)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 addr: addr.to_string(),
                 client,
                 conn,
-                idle: Mutex::new(Vec::new()),
+                idle: Mutex::new(waiter.into_iter().collect()),
             }),
         })
     }
@@ -186,12 +196,9 @@ impl NodeClient {
         if let Some(c) = pooled {
             return Ok(c);
         }
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(None);
         self.inner
             .client
-            .get_multiplexed_async_connection_with_config(&config)
+            .get_multiplexed_async_connection_with_config(&blocking_config())
             .await
             .map_err(|source| ClientError::Connect {
                 addr: self.inner.addr.clone(),

@@ -189,7 +189,8 @@ impl Agent {
         // One container manager per agent; it adopts the containers a previous core0 left.
         // Without one (no cgroups, say) the node runs without the corex.* commands.
         let containers = match crate::containers::manager::ManagerConfig::for_data_dir(&data_dir) {
-            Ok(mcfg) => {
+            Ok(mut mcfg) => {
+                mcfg.spare = !cfg.no_spare_container;
                 match crate::containers::manager::ContainerManager::start(mcfg, publisher.clone())
                     .await
                 {
@@ -286,6 +287,9 @@ impl Agent {
                 tracing::info!("stopping (jobs and redis keep running)");
                 let _ = stop_tx.send(true);
                 let _ = tokio::time::timeout(Duration::from_secs(3), consumer).await;
+                if let Some(m) = &containers {
+                    m.discard_spare().await;
+                }
                 let _ = std::fs::remove_file(&pidf);
                 Ok(())
             }

@@ -17,7 +17,7 @@ fn init_tracing(filter: &str) {
 fn main() -> ExitCode {
     match Cli::parse().into_sub() {
         // First, before any thread exists: corex forks into a new pid namespace.
-        Sub::CorexInit(a) => ExitCode::from(core0::containers::corex::init_main(&a.dir)),
+        Sub::CorexInit(a) => ExitCode::from(core0::containers::corex::init_main(&a.dir, a.spare)),
         Sub::Run(cfg) => {
             init_tracing(&cfg.log_level);
             let rt = match tokio::runtime::Builder::new_multi_thread()

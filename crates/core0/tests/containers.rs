@@ -214,6 +214,10 @@ impl Core0 {
         }
     }
 
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     fn sigkill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -334,6 +338,55 @@ fn alive(pid: i32) -> bool {
             .trim_start()
             .starts_with('Z')
     })
+}
+
+/// The ids of the node's spare containers (directories marked by `spare.json`).
+fn spares(node: &Node) -> Vec<u64> {
+    let root = node.data().join("containers");
+    let mut ids: Vec<u64> = std::fs::read_dir(&root)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    e.path()
+                        .join(core0::containers::runtime::SPARE_NAME)
+                        .exists()
+                })
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids
+}
+
+/// Waits for the spare core0 makes after it starts or after a create (no event announces it).
+fn wait_spare(node: &Node, not: &[u64]) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(id) = spares(node).into_iter().find(|i| !not.contains(i))
+            && !procs_in(node, id).is_empty()
+        {
+            return id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare container appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The processes in container `id`'s cgroups.
+fn procs_in(node: &Node, id: u64) -> Vec<i32> {
+    let mut out = Vec::new();
+    for d in cgroup_dirs(node, id) {
+        if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 fn corex_pid(list: &Value, id: u64) -> i32 {
@@ -665,13 +718,15 @@ fn bad_input_leaves_nothing_behind() {
     let id = create(&mut c, "ok-1", json!({"root": image.url, "name": "dup"}));
     let e = err(&mut c, "b6", json!({"root": image.url, "name": "dup"}));
     assert_eq!(e, "container dup already exists");
-    let dirs: Vec<String> = std::fs::read_dir(node.data().join("containers"))
+    // Only the container and the spare waiting for the next create have a directory.
+    let spare = wait_spare(&node, &[]);
+    let mut dirs: Vec<u64> = std::fs::read_dir(node.data().join("containers"))
         .expect("containers dir")
         .flatten()
-        .filter_map(|e| e.file_name().to_str().map(String::from))
-        .filter(|n| n.parse::<u64>().is_ok())
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
-    assert_eq!(dirs, vec![id.to_string()]);
+    dirs.sort_unstable();
+    assert_eq!(dirs, vec![id, spare]);
     ok(&mut c, "t-1", "corex.terminate", json!({"container": id}));
 }
 
@@ -735,9 +790,30 @@ fn core0_restart_adopts_containers_and_delivers_results() {
     // One job ends while core0 is down, one after it is back.
     go(&mut c, "early", "sleep 1; echo early");
     go(&mut c, "late", "sleep 4; echo late");
+    // The spare made after the create waits in its own namespaces and cgroups.
+    let spare = wait_spare(&node, &[]);
+    let spare_pids = procs_in(&node, spare);
+    assert_eq!(spare_pids.len(), 1, "{spare_pids:?}");
+    let ns = |pid: i32, ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+    for kind in ["net", "mnt", "uts", "ipc"] {
+        assert_ne!(
+            ns(spare_pids[0], kind),
+            ns(core0.pid(), kind),
+            "{kind} namespace"
+        );
+    }
     core0.sigkill();
     std::thread::sleep(Duration::from_secs(2));
+    // Its pipe closed with core0: the spare ended by itself.
+    assert!(!alive(spare_pids[0]), "spare corex outlived its core0");
     let _core0 = Core0::start(&node, &redis, None);
+    // The next core0 removes it and makes its own.
+    let fresh = wait_spare(&node, &[spare]);
+    assert!(fresh > spare && fresh != id);
+    assert!(!node.container_dir(spare).exists());
+    for d in cgroup_dirs(&node, spare) {
+        assert!(!d.exists(), "{} left", d.display());
+    }
     let list = ok(&mut c, "a-2", "corex.list", Value::Null);
     assert_eq!(list[id.to_string()]["container"]["state"], "running");
     let r = result(&mut c, "early", 30);

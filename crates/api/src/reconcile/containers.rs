@@ -514,38 +514,64 @@ impl ContainersController {
             .map_err(|e| step(node, e))
     }
 
-    async fn apply_spec(
+    /// `corex.create` for `spec`; the address is looked up when the container has a nic.
+    async fn create(
         &self,
+        client: &NodeClient,
         spec: &ContainerSpec,
         generation: u64,
     ) -> Result<ContainerData, StepError> {
         let node = spec.node.as_str();
+        let args = create_args(spec, generation).map_err(|message| StepError {
+            status: 400,
+            message,
+        })?;
+        let id: u64 = client
+            .call_json(COREX_CREATE, args, CREATE_TIMEOUT)
+            .await
+            .map_err(|e| step(node, e))?;
+        let with_nic =
+            !spec.create.host_networking && spec.create.nics.iter().any(|n| n.kind == "default");
+        let ip = if with_nic {
+            match self.find(client, node, &spec.create.id).await {
+                Ok(f) => f.get(&id).and_then(|c| c.ip.clone()),
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        Ok(ContainerData {
+            container_id: Some(id),
+            status: Some(ContainerStatus::Running),
+            ip,
+            error_status: None,
+        })
+    }
+
+    async fn apply_spec(
+        &self,
+        spec: &ContainerSpec,
+        generation: u64,
+        last: Option<&ContainerData>,
+    ) -> Result<ContainerData, StepError> {
+        let node = spec.node.as_str();
         let name = spec.create.id.as_str();
         let client = self.client(node).await?;
+        // Nothing was ever made for this record: create right away. Should the node have the
+        // name after all (an apply whose outcome was not recorded), it says so and the usual
+        // look-up below takes over.
+        if spec.status == ContainerStatus::Running && last.is_none_or(|d| d.container_id.is_none())
+        {
+            match self.create(&client, spec, generation).await {
+                Err(e) if e.status == 409 && e.message.contains("already exists") => {}
+                other => return other,
+            }
+        }
         let found = self.find(&client, node, name).await?;
         let current = found.into_iter().next_back();
         let running = |c: &CorexContainer| c.state.as_deref() != Some("halted");
         match (spec.status, current) {
-            (ContainerStatus::Running, None) => {
-                let args = create_args(spec, generation).map_err(|message| StepError {
-                    status: 400,
-                    message,
-                })?;
-                let id: u64 = client
-                    .call_json(COREX_CREATE, args, CREATE_TIMEOUT)
-                    .await
-                    .map_err(|e| step(node, e))?;
-                let ip = match self.find(&client, node, name).await {
-                    Ok(f) => f.get(&id).and_then(|c| c.ip.clone()),
-                    Err(_) => None,
-                };
-                Ok(ContainerData {
-                    container_id: Some(id),
-                    status: Some(ContainerStatus::Running),
-                    ip,
-                    error_status: None,
-                })
-            }
+            (ContainerStatus::Running, None) => self.create(&client, spec, generation).await,
             (ContainerStatus::Running, Some((id, c))) => {
                 if !running(&c) {
                     self.simple(&client, node, COREX_START, id).await?;
@@ -606,6 +632,7 @@ impl Controller for ContainersController {
         &'a self,
         name: &'a str,
         desired: Option<&'a Desired>,
+        last: Option<&'a Observed>,
     ) -> BoxFuture<'a, Result<Observed, ApplyError>> {
         Box::pin(async move {
             let Some(desired) = desired else {
@@ -615,29 +642,37 @@ impl Controller for ContainersController {
                 };
             };
             let spec: ContainerSpec = desired.decode(KIND, name)?;
-            Ok(match self.apply_spec(&spec, desired.generation).await {
-                Ok(data) => Observed::new(
-                    match data.status {
-                        Some(ContainerStatus::Running) => "running",
-                        _ => "halted",
-                    },
-                    serde_json::to_value(&data).unwrap_or(Value::Null),
-                ),
-                Err(e) => {
-                    tracing::debug!(container = name, error = %e.message, "container apply failed");
-                    let data = ContainerData {
-                        container_id: None,
-                        status: Some(ContainerStatus::Halted),
-                        ip: None,
-                        error_status: Some(e.status),
-                    };
-                    Observed::with_error(
-                        "halted",
-                        e.message,
+            let last = last
+                .filter(|o| o.error.is_none())
+                .and_then(|o| serde_json::from_value::<ContainerData>(o.data.clone()).ok());
+            Ok(
+                match self
+                    .apply_spec(&spec, desired.generation, last.as_ref())
+                    .await
+                {
+                    Ok(data) => Observed::new(
+                        match data.status {
+                            Some(ContainerStatus::Running) => "running",
+                            _ => "halted",
+                        },
                         serde_json::to_value(&data).unwrap_or(Value::Null),
-                    )
-                }
-            })
+                    ),
+                    Err(e) => {
+                        tracing::debug!(container = name, error = %e.message, "container apply failed");
+                        let data = ContainerData {
+                            container_id: None,
+                            status: Some(ContainerStatus::Halted),
+                            ip: None,
+                            error_status: Some(e.status),
+                        };
+                        Observed::with_error(
+                            "halted",
+                            e.message,
+                            serde_json::to_value(&data).unwrap_or(Value::Null),
+                        )
+                    }
+                },
+            )
         })
     }
 

@@ -196,10 +196,12 @@ pub trait Controller: Send + Sync + 'static {
 
     /// Makes the world match `desired` (`None`: the record was deleted, remove the resource).
     /// Called again for every change and every resync interval, so it must be idempotent.
+    /// `last` is the outcome recorded before (a hint: the world may have changed since).
     fn apply<'a>(
         &'a self,
         name: &'a str,
         desired: Option<&'a Desired>,
+        last: Option<&'a Observed>,
     ) -> BoxFuture<'a, Result<Observed, ApplyError>>;
 
     /// How often every record is applied again when nothing changed.
@@ -760,7 +762,14 @@ async fn apply_once(ctx: &Ctx, name: &str, desired: Option<&Desired>, last: &mut
     let store = &*ctx.store;
     let key = observed_key(kind, name);
     let after = ctx.controller.apply_timeout();
-    let outcome = tokio::time::timeout(after, ctx.controller.apply(name, desired))
+    if last.is_none() {
+        // First apply of this worker: start from what an earlier worker or process recorded.
+        match get_json::<Observed>(store, &key).await {
+            Ok(v) => *last = v.map(|v| v.value),
+            Err(e) => tracing::warn!(kind, name, error = %e, "cannot read observed record"),
+        }
+    }
+    let outcome = tokio::time::timeout(after, ctx.controller.apply(name, desired, last.as_ref()))
         .await
         .unwrap_or_else(|_| {
             Err(ApplyError::TimedOut {
@@ -769,13 +778,6 @@ async fn apply_once(ctx: &Ctx, name: &str, desired: Option<&Desired>, last: &mut
                 after,
             })
         });
-    if last.is_none() {
-        // First apply of this worker: compare with what an earlier worker or process recorded.
-        match get_json::<Observed>(store, &key).await {
-            Ok(v) => *last = v.map(|v| v.value),
-            Err(e) => tracing::warn!(kind, name, error = %e, "cannot read observed record"),
-        }
-    }
     let observed = match (desired, outcome) {
         (None, Ok(_)) => {
             if let Err(e) = store.delete(&key, None).await {

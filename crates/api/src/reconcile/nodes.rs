@@ -456,6 +456,7 @@ impl Controller for NodesController {
         &'a self,
         name: &'a str,
         desired: Option<&'a Desired>,
+        _last: Option<&'a Observed>,
     ) -> BoxFuture<'a, Result<Observed, ApplyError>> {
         Box::pin(async move {
             let Some(desired) = desired else {

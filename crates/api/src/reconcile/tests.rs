@@ -57,6 +57,7 @@ impl Controller for Fake {
         &'a self,
         name: &'a str,
         desired: Option<&'a Desired>,
+        _last: Option<&'a Observed>,
     ) -> BoxFuture<'a, Result<Observed, ApplyError>> {
         Box::pin(async move {
             self.enter(name);

@@ -100,6 +100,9 @@ pub struct CreateArgs {
     /// Share the node's network instead of a nic on its bridge.
     #[arg(long, conflicts_with = "ports")]
     pub host_net: bool,
+    /// No nic at all: a network namespace holding only `lo`.
+    #[arg(long, conflicts_with_all = ["ports", "host_net"])]
+    pub no_nic: bool,
     /// Run with the full capability set.
     #[arg(long)]
     pub privileged: bool,
@@ -258,7 +261,7 @@ async fn create(ctx: &Ctx, args: CreateArgs) -> Result<(), CommandError> {
         flist: args.image,
         init_processes: Vec::new(),
         filesystems: Vec::new(),
-        nics: if args.host_net {
+        nics: if args.host_net || args.no_nic {
             Vec::new()
         } else {
             vec![ContainerNic {

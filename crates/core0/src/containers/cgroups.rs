@@ -279,63 +279,81 @@ impl CgroupSet {
         match layout {
             Layout::V1(mounts) => {
                 for (c, mount) in mounts {
-                    let dir = mount.join(&rel);
                     if c == "cpuset" {
                         mkdir_cpuset(mount, &rel)?;
                     } else {
-                        std::fs::create_dir_all(&dir).map_err(|source| CgroupError::Create {
-                            path: dir.clone(),
-                            source,
-                        })?;
+                        let dir = mount.join(&rel);
+                        std::fs::create_dir_all(&dir)
+                            .map_err(|source| CgroupError::Create { path: dir, source })?;
                     }
-                    match c.as_str() {
-                        "memory" => {
-                            if let Some(m) = limits.memory {
-                                write_file(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
-                            }
-                        }
-                        "cpu" => {
-                            if let Some(cpu) = limits.cpu {
-                                write_file(
-                                    &dir.join("cpu.cfs_period_us"),
-                                    &CPU_PERIOD_US.to_string(),
-                                )?;
-                                write_file(&dir.join("cpu.cfs_quota_us"), &cpu_quota(cpu))?;
-                            }
-                        }
-                        "pids" => {
-                            if let Some(p) = limits.pids {
-                                write_file(&dir.join("pids.max"), &p.to_string())?;
-                            }
-                        }
-                        "devices" if !privileged => {
+                }
+                if !privileged {
+                    for (c, dir) in &self.dirs {
+                        if c == "devices" {
                             write_file(&dir.join("devices.deny"), "a")?;
                             for rule in DEVICE_ALLOW {
                                 write_file(&dir.join("devices.allow"), rule)?;
                             }
                         }
-                        _ => {}
                     }
                 }
             }
-            Layout::V2(root) => {
-                mkdir_v2(root, &rel)?;
-                let dir = root.join(&rel);
-                if let Some(m) = limits.memory {
-                    write_file(&dir.join("memory.max"), &m.to_string())?;
+            Layout::V2(root) => mkdir_v2(root, &rel)?,
+        }
+        self.apply_limits(limits)
+    }
+
+    /// Writes the limits that are set (the others keep their current value).
+    fn apply_limits(&self, limits: &Limits) -> Result<(), CgroupError> {
+        for (c, dir) in &self.dirs {
+            let memory = |file: &str| -> Result<(), CgroupError> {
+                match limits.memory {
+                    Some(m) => write_file(&dir.join(file), &m.to_string()),
+                    None => Ok(()),
                 }
-                if let Some(cpu) = limits.cpu {
-                    write_file(
-                        &dir.join("cpu.max"),
-                        &format!("{} {CPU_PERIOD_US}", cpu_quota(cpu)),
-                    )?;
+            };
+            let pids = || -> Result<(), CgroupError> {
+                match limits.pids {
+                    Some(p) => write_file(&dir.join("pids.max"), &p.to_string()),
+                    None => Ok(()),
                 }
-                if let Some(p) = limits.pids {
-                    write_file(&dir.join("pids.max"), &p.to_string())?;
+            };
+            match c.as_str() {
+                "memory" => memory("memory.limit_in_bytes")?,
+                "cpu" => {
+                    if let Some(cpu) = limits.cpu {
+                        write_file(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                        write_file(&dir.join("cpu.cfs_quota_us"), &cpu_quota(cpu))?;
+                    }
                 }
+                "pids" => pids()?,
+                "unified" => {
+                    memory("memory.max")?;
+                    if let Some(cpu) = limits.cpu {
+                        write_file(
+                            &dir.join("cpu.max"),
+                            &format!("{} {CPU_PERIOD_US}", cpu_quota(cpu)),
+                        )?;
+                    }
+                    pids()?;
+                }
+                _ => {}
             }
         }
         Ok(())
+    }
+
+    /// Gives a set made unprivileged and without limits (a spare container's) the limits and
+    /// device rules of the container that takes it over.
+    pub fn take_over(&self, limits: &Limits, privileged: bool) -> Result<(), CgroupError> {
+        if privileged {
+            for (c, dir) in &self.dirs {
+                if c == "devices" {
+                    write_file(&dir.join("devices.allow"), "a")?;
+                }
+            }
+        }
+        self.apply_limits(limits)
     }
 
     /// The leaf directories, `(controller, dir)`.
@@ -500,5 +518,39 @@ mod tests {
         let sc =
             std::fs::read_to_string(root.path().join("grid/cgroup.subtree_control")).expect("read");
         assert_eq!(sc, "+cpu +memory +pids");
+    }
+
+    #[test]
+    fn v1_spare_set_is_taken_over_with_limits_and_devices() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for c in ["memory", "devices", "pids"] {
+            std::fs::create_dir_all(root.path().join(c)).expect("mkdir");
+            std::fs::write(root.path().join(c).join("cgroup.procs"), "").expect("write");
+        }
+        let layout = Layout::detect(root.path()).expect("detect");
+        assert!(!layout.is_v2());
+        let set =
+            CgroupSet::create(&layout, "grid/n0", 3, &Limits::default(), false).expect("create");
+        let leaf = |c: &str, f: &str| root.path().join(c).join("grid/n0/c3").join(f);
+        let rd = |c: &str, f: &str| std::fs::read_to_string(leaf(c, f)).ok();
+        // Made unprivileged, without limits: the last device rule written, no limit files.
+        assert_eq!(rd("devices", "devices.deny").as_deref(), Some("a"));
+        assert_eq!(
+            rd("devices", "devices.allow").as_deref(),
+            Some("c 136:* rwm")
+        );
+        assert_eq!(rd("memory", "memory.limit_in_bytes"), None);
+        let limits = Limits {
+            cpu: None,
+            memory: Some(64 << 20),
+            pids: Some(50),
+        };
+        set.take_over(&limits, true).expect("take over");
+        assert_eq!(rd("devices", "devices.allow").as_deref(), Some("a"));
+        assert_eq!(
+            rd("memory", "memory.limit_in_bytes").as_deref(),
+            Some("67108864")
+        );
+        assert_eq!(rd("pids", "pids.max").as_deref(), Some("50"));
     }
 }

@@ -32,6 +32,8 @@ pub const SOCKET_NAME: &str = "corex.sock";
 pub const INIT_SUBCOMMAND: &str = "__corex-init";
 /// `argv[0]` of corex, which [`super::runtime::find_running`] checks.
 pub const ARGV0: &str = "corex";
+/// The flag of `__corex-init` that makes a spare ([`super::runtime::Runtime::prepare_spare`]).
+pub const SPARE_FLAG: &str = "--spare";
 
 /// The JSON-lines protocol between core0 and corex: one JSON object per line, both ways.
 pub mod wire {
@@ -247,16 +249,28 @@ impl Client {
 // init: the code of `core0 __corex-init <dir>`
 // ---------------------------------------------------------------------------------------------
 
-/// Entry point of `core0 __corex-init <dir>`; returns the process exit code. Reports `pid <n>`,
-/// then `ready` or `error <message>` on stdout.
-pub fn init_main(dir: &Path) -> u8 {
-    let spec = match read_spec(dir) {
-        Ok(s) => s,
-        Err(e) => return report_error(&e),
+/// Entry point of `core0 __corex-init <dir> [--spare]`; returns the process exit code. Reports
+/// `pid <n>`, then `ready` or `error <message>` on stdout. A spare joins the cgroups its
+/// `spare.json` names, and its PID 1 waits for a `go` line on stdin before it reads the spec
+/// (end of input: it exits quietly).
+pub fn init_main(dir: &Path, spare: bool) -> u8 {
+    let (spec, cgroup_parent, id) = if spare {
+        match read_spare(dir) {
+            Ok(s) => (None, s.cgroup_parent, s.id),
+            Err(e) => return report_error(&e),
+        }
+    } else {
+        match read_spec(dir) {
+            Ok(s) => {
+                let (p, id) = (s.cgroup_parent.clone(), s.id);
+                (Some(s), p, id)
+            }
+            Err(e) => return report_error(&e),
+        }
     };
     // Join the cgroups before the fork: corex and all it starts are limited from the start.
     let joined = super::cgroups::Layout::detect(Path::new(super::cgroups::CGROUP_ROOT))
-        .and_then(|l| super::cgroups::CgroupSet::open(&l, &spec.cgroup_parent, spec.id))
+        .and_then(|l| super::cgroups::CgroupSet::open(&l, &cgroup_parent, id))
         .and_then(|set| set.add(std::process::id() as i32));
     if let Err(e) = joined {
         return report_error(&CorexError::Cgroup(e));
@@ -271,14 +285,73 @@ pub fn init_main(dir: &Path) -> u8 {
             0
         }
         Ok(nix::unistd::ForkResult::Child) => {
-            let code = match pid1(&spec) {
-                Ok(()) => 0,
+            let spec = match spec {
+                Some(s) => Ok(Some(s)),
+                None => wait_go(dir, &cgroup_parent, id),
+            };
+            let code = match spec.and_then(|s| match s {
+                Some(s) => pid1(&s).map(|()| 0),
+                None => Ok(0),
+            }) {
+                Ok(c) => c,
                 Err(e) => report_error(&e),
             };
             // SAFETY: _exit(2) ends the process without running the parent's atexit handlers.
             unsafe { libc::_exit(i32::from(code)) }
         }
     }
+}
+
+fn read_spare(dir: &Path) -> Result<super::runtime::SpareSpec, CorexError> {
+    let path = dir.join(super::runtime::SPARE_NAME);
+    let data = std::fs::read(&path).map_err(|e| CorexError::Spec {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_slice(&data).map_err(|e| CorexError::Spec {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// A spare's PID 1: waits for `go` on stdin, then reads the spec, which must be for the cgroups
+/// it joined and must not ask for the host's network (it has its own). `None`: stdin ended.
+fn wait_go(dir: &Path, cgroup_parent: &str, id: u32) -> Result<Option<ContainerSpec>, CorexError> {
+    // Read byte by byte from fd 0 itself: `std::io::stdin()` would keep a buffer for good.
+    let mut line = Vec::new();
+    loop {
+        let mut byte = 0u8;
+        // SAFETY: read(2) of one byte into a local.
+        let n = unsafe { libc::read(0, std::ptr::addr_of_mut!(byte).cast(), 1) };
+        match n {
+            0 => return Ok(None),
+            1 if byte == b'\n' => break,
+            1 => line.push(byte),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(io_step("read go")(e));
+                }
+            }
+        }
+    }
+    if line != b"go" {
+        return Err(CorexError::Spec {
+            path: dir.to_path_buf(),
+            message: format!(
+                "spare got {:?} instead of go",
+                String::from_utf8_lossy(&line)
+            ),
+        });
+    }
+    let spec = read_spec(dir)?;
+    if spec.id != id || spec.cgroup_parent != cgroup_parent || spec.host_network {
+        return Err(CorexError::Spec {
+            path: dir.to_path_buf(),
+            message: "the spec does not fit this spare (id, cgroups or host network)".into(),
+        });
+    }
+    Ok(Some(spec))
 }
 
 fn report_error(e: &CorexError) -> u8 {

@@ -17,7 +17,7 @@
 use super::cgroups::{CgroupSet, Limits};
 use super::corex::{self, wire};
 use super::image::{ImageCache, Progress};
-use super::runtime::{self, ContainerSpec, Running, Runtime};
+use super::runtime::{self, ContainerSpec, Running, Runtime, Spare};
 use crate::jobs::{Capture, LineParser, Publish};
 use crate::net::{
     self, BridgeConfig, ContainerNic, HostOps, Ipam, NatBridge, NetnsRef, PortForward,
@@ -50,6 +50,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long a job waits for its exit after a timeout kill before it is reported anyway.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
+/// How long a create waits for the spare container being made.
+const SPARE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a container operation failed; the text is what the client sees.
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +237,8 @@ pub struct ManagerConfig {
     pub cgroup_parent: String,
     /// The core0 binary corex runs from (`None`: this process's).
     pub exe: Option<PathBuf>,
+    /// Keep a spare container ready for the next create ([`Runtime::prepare_spare`]).
+    pub spare: bool,
 }
 
 impl ManagerConfig {
@@ -247,6 +251,7 @@ impl ManagerConfig {
             node_idx,
             cgroup_parent: format!("grid/n{node_idx}"),
             exe: None,
+            spare: true,
         })
     }
 }
@@ -512,6 +517,16 @@ pub struct ContainerManager {
     net: Mutex<Option<Net>>,
     /// Serializes create, start, stop and terminate.
     ops: tokio::sync::Mutex<()>,
+    /// The spare container the next create takes, when one is ready.
+    spare: Mutex<Option<Spare>>,
+    /// A spare is being made.
+    refilling: AtomicBool,
+    /// Wakes creates waiting for the spare being made.
+    spare_ready: tokio::sync::Notify,
+    /// Serializes id allocation ([`ContainerManager::next_id`]).
+    ids: Mutex<()>,
+    /// The agent is stopping: no more spares.
+    closing: AtomicBool,
 }
 
 impl std::fmt::Debug for ContainerManager {
@@ -645,8 +660,14 @@ impl ContainerManager {
             table: Mutex::new(Table::default()),
             net: Mutex::new(None),
             ops: tokio::sync::Mutex::new(()),
+            spare: Mutex::new(None),
+            refilling: AtomicBool::new(false),
+            spare_ready: tokio::sync::Notify::new(),
+            ids: Mutex::new(()),
+            closing: AtomicBool::new(false),
         });
         me.adopt_all().await;
+        me.refill_spare();
         Ok(me)
     }
 
@@ -689,6 +710,12 @@ impl ContainerManager {
             {
                 Some(r) => r,
                 None => {
+                    // A spare an earlier core0 made and never used (its corex exited when that
+                    // core0's pipe closed).
+                    if !path.exists() && self.runtime.remove_spare_dir(&dir) {
+                        tracing::info!(dir = %dir.display(), "removed an unused spare container");
+                        continue;
+                    }
                     tracing::warn!(dir = %dir.display(), "container directory without a usable args.json: skipped");
                     continue;
                 }
@@ -903,7 +930,9 @@ impl ContainerManager {
         Ok(ip)
     }
 
+    /// A new container id, never used on this node (a container or spare directory).
     fn next_id(&self) -> Result<u32, ManagerError> {
+        let _ids = lock(&self.ids);
         let path = self.root.join(NEXT_ID_NAME);
         let stored: u32 = std::fs::read_to_string(&path)
             .ok()
@@ -997,8 +1026,19 @@ impl ContainerManager {
                 name: args.name.clone(),
             });
         }
-        let me = self.arc()?;
-        let id = blocking(move || me.next_id()).await?;
+        // A spare has its own network namespace: host networking makes its namespaces itself.
+        let spare = if args.host_network {
+            None
+        } else {
+            self.take_spare().await
+        };
+        let id = match &spare {
+            Some(s) => s.id(),
+            None => {
+                let me = self.arc()?;
+                blocking(move || me.next_id()).await?
+            }
+        };
         let name = if args.name.is_empty() {
             format!("c{id}")
         } else {
@@ -1021,13 +1061,116 @@ impl ContainerManager {
             jobs: Arc::default(),
             ip: None,
         };
-        match self.boot(c, image.rootfs, &forwards, true).await {
+        let booted = self.boot(c, image.rootfs, &forwards, true, spare).await;
+        self.refill_spare();
+        match booted {
             Ok(()) => Ok(id),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
             }
         }
+    }
+
+    /// The ready spare, if there is one and its corex still waits (a dead one is discarded).
+    /// While one is being made, waits for it (up to [`SPARE_WAIT`]): it is ready sooner than a
+    /// container made from nothing.
+    async fn take_spare(&self) -> Option<Spare> {
+        let deadline = tokio::time::Instant::now() + SPARE_WAIT;
+        let s = loop {
+            let ready = self.spare_ready.notified();
+            if let Some(s) = lock(&self.spare).take() {
+                break s;
+            }
+            if !self.refilling.load(Ordering::SeqCst) {
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, ready).await.is_err() {
+                return None;
+            }
+        };
+        if s.is_alive() {
+            return Some(s);
+        }
+        tracing::warn!(spare = s.id(), "the spare container died: discarded");
+        let me = self.arc().ok()?;
+        let _ = blocking(move || {
+            me.runtime.discard_spare(s);
+            Ok(())
+        })
+        .await;
+        None
+    }
+
+    /// Makes a spare container in the background unless one is ready or being made, or spares
+    /// are off. Its id is taken like a container's (under the ops lock); the slow part (the
+    /// namespaces, and moving corex into its cgroups, which waits for an RCU grace period)
+    /// runs without the lock.
+    fn refill_spare(&self) {
+        if !self.cfg.spare
+            || self.closing.load(Ordering::SeqCst)
+            || lock(&self.spare).is_some()
+            || self.refilling.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            self.refilling.store(false, Ordering::SeqCst);
+            return;
+        };
+        tokio::spawn(async move {
+            let m = me.clone();
+            let id = blocking(move || m.next_id()).await;
+            let made = match id {
+                Ok(id) => {
+                    let m = me.clone();
+                    blocking(move || {
+                        let dir = m.dir_of(id);
+                        m.runtime
+                            .prepare_spare(id, &dir, &m.cfg.cgroup_parent)
+                            .map_err(|e| {
+                                let _ = std::fs::remove_dir_all(&dir);
+                                ManagerError::from(e)
+                            })
+                    })
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match made {
+                Ok(s) if me.closing.load(Ordering::SeqCst) => {
+                    let m = me.clone();
+                    let _ = blocking(move || {
+                        m.runtime.discard_spare(s);
+                        Ok(())
+                    })
+                    .await;
+                }
+                Ok(s) => {
+                    tracing::debug!(spare = s.id(), "spare container ready");
+                    *lock(&me.spare) = Some(s);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot make a spare container"),
+            }
+            me.refilling.store(false, Ordering::SeqCst);
+            me.spare_ready.notify_waiters();
+        });
+    }
+
+    /// Removes the spare container and makes no more (the agent stops).
+    pub async fn discard_spare(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let Some(s) = lock(&self.spare).take() else {
+            return;
+        };
+        let Ok(me) = self.arc() else {
+            return;
+        };
+        let _ = blocking(move || {
+            me.runtime.discard_spare(s);
+            Ok(())
+        })
+        .await;
     }
 
     /// Starts container `c` (new or halted), its network and link, records it as running, puts
@@ -1039,6 +1182,7 @@ impl ContainerManager {
         rootfs: PathBuf,
         forwards: &[PortForward],
         fresh: bool,
+        spare: Option<Spare>,
     ) -> Result<(), ManagerError> {
         let id = c.record.id;
         let name = c.record.name.clone();
@@ -1058,7 +1202,13 @@ impl ContainerManager {
         c.record.state = "running".into();
         write_json(&c.dir.join(ARGS_NAME), &c.record)?;
         let me = self.arc()?;
-        let running = match blocking(move || Ok(me.runtime.start(&spec)?)).await {
+        let started = blocking(move || {
+            Ok(match spare {
+                Some(s) => me.runtime.start_spare(s, &spec)?,
+                None => me.runtime.start(&spec)?,
+            })
+        });
+        let running = match started.await {
             Ok(r) => r,
             Err(e) => {
                 if !fresh {
@@ -1199,6 +1349,7 @@ impl ContainerManager {
     /// then removes the node's NAT bridge and nftables table (made again on first use). Failures
     /// are logged; the rest goes on.
     pub async fn stop_all(&self) {
+        self.discard_spare().await;
         let _op = self.ops.lock().await;
         let ids: Vec<u32> = lock(&self.table)
             .by_id
@@ -1275,7 +1426,7 @@ impl ContainerManager {
             jobs: Arc::default(),
             ..c
         };
-        self.boot(c, image.rootfs, &forwards, false).await
+        self.boot(c, image.rootfs, &forwards, false, None).await
     }
 
     /// `corex.terminate`: stops the container and removes everything it had.

@@ -92,6 +92,64 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Run
     move |source| RuntimeError::Io { what, path, source }
 }
 
+impl RuntimeError {
+    /// A setup error with the tail of corex's log added.
+    fn with_log(self, log: &Path) -> Self {
+        match self {
+            Self::Setup { message } => Self::Setup {
+                message: with_log_tail(message, log),
+            },
+            e => e,
+        }
+    }
+}
+
+/// The marker file of a spare container's directory: the cgroups its init joins.
+pub const SPARE_NAME: &str = "spare.json";
+
+/// What a spare's init reads from [`SPARE_NAME`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpareSpec {
+    /// The id its cgroups are named after (`c<id>`).
+    pub id: u32,
+    /// The cgroup parent.
+    pub cgroup_parent: String,
+}
+
+/// A container made ahead of need ([`Runtime::prepare_spare`]): its namespaces and cgroups
+/// exist and corex waits as their PID 1, outside any root filesystem yet, for the spec of the
+/// container that takes it over. Give it to [`Runtime::start_spare`] or
+/// [`Runtime::discard_spare`]; dropped otherwise, its corex sees its pipe close and exits,
+/// leaving the directory and cgroups to [`Runtime::remove_spare_dir`].
+#[derive(Debug)]
+pub struct Spare {
+    id: u32,
+    dir: PathBuf,
+    cgroup_parent: String,
+    pid: i32,
+    start_time: u64,
+    cgroups: CgroupSet,
+    go: std::process::ChildStdin,
+    status: std::process::ChildStdout,
+}
+
+impl Spare {
+    /// The id it was made for.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether its corex still waits (same pid and start time, not a zombie).
+    pub fn is_alive(&self) -> bool {
+        proc_start_time(self.pid).is_some_and(|(t, zombie)| t == self.start_time && !zombie)
+    }
+}
+
 /// What a container is made of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContainerSpec {
@@ -334,6 +392,26 @@ impl Runtime {
     /// Runs the init process and reads its status lines; `pid` is set as soon as it is known.
     fn spawn(&self, spec: &ContainerSpec, pid: &mut Option<i32>) -> Result<i32, RuntimeError> {
         let log_path = spec.dir.join(LOG_NAME);
+        let (mut child, mut stdout) = self.spawn_init(&spec.dir, spec.host_network, false)?;
+        let status = read_status(&mut stdout, START_TIMEOUT, pid, true);
+        // The init process exits right after its fork; reap it.
+        if status.is_err() && pid.is_none() {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        status.map_err(|e| e.with_log(&log_path))
+    }
+
+    /// Starts `core0 __corex-init <dir> [--spare]` in its new namespaces; returns the init
+    /// process (which exits after its fork) and the pipe of its status lines. A spare's stdin is
+    /// a pipe too: its PID 1 waits there for `go`.
+    fn spawn_init(
+        &self,
+        dir: &Path,
+        host_network: bool,
+        spare: bool,
+    ) -> Result<(std::process::Child, std::process::ChildStdout), RuntimeError> {
+        let log_path = dir.join(LOG_NAME);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -341,20 +419,21 @@ impl Runtime {
             .map_err(io_err("cannot open", &log_path))?;
         let mut flags =
             libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
-        if !spec.host_network {
+        if !host_network {
             flags |= libc::CLONE_NEWNET;
         }
         let mut cmd = Command::new(format!("/proc/self/fd/{}", self.exe.as_raw_fd()));
-        cmd.arg0(corex::ARGV0)
-            .arg(corex::INIT_SUBCOMMAND)
-            .arg(&spec.dir)
-            .env_clear()
+        cmd.arg0(corex::ARGV0).arg(corex::INIT_SUBCOMMAND).arg(dir);
+        if spare {
+            cmd.arg(corex::SPARE_FLAG);
+        }
+        cmd.env_clear()
             .env(
                 "PATH",
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             )
             .current_dir("/")
-            .stdin(Stdio::null())
+            .stdin(if spare { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
         // SAFETY: runs in the forked child before exec and calls only unshare(2) and setsid(2),
@@ -373,19 +452,188 @@ impl Runtime {
             let _ = child.wait();
             return Err(RuntimeError::Spawn(std::io::Error::other("no stdout pipe")));
         };
-        let status = read_status(stdout, START_TIMEOUT, pid);
-        // The init process exits right after its fork; reap it.
+        Ok((child, stdout))
+    }
+
+    /// Makes a spare container in `dir` (a fresh container directory) with cgroups named after
+    /// `id` under `cgroup_parent`: new namespaces (a network namespace included), cgroups
+    /// without limits, and corex waiting as PID 1 for the spec of the container that takes it
+    /// ([`Runtime::start_spare`]). Moving a process into a cgroup waits for an RCU grace period
+    /// (4-15 ms measured here); a spare pays it before a create asks. Blocks.
+    pub fn prepare_spare(
+        &self,
+        id: u32,
+        dir: &Path,
+        cgroup_parent: &str,
+    ) -> Result<Spare, RuntimeError> {
+        super::cgroups::check_parent(cgroup_parent)?;
+        for d in ["upper", "work", "merged"] {
+            let p = dir.join(d);
+            std::fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?;
+        }
+        let marker = SpareSpec {
+            id,
+            cgroup_parent: cgroup_parent.to_string(),
+        };
+        let path = dir.join(SPARE_NAME);
+        let json =
+            serde_json::to_vec(&marker).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?;
+        std::fs::write(&path, json).map_err(io_err("cannot write", &path))?;
+        let cgroups =
+            CgroupSet::create(&self.layout, cgroup_parent, id, &Limits::default(), false)?;
+        let fail = |pid: Option<i32>, e: RuntimeError| {
+            if let Some(p) = pid {
+                kill_pid(p, libc::SIGKILL);
+            }
+            let _ = cgroups.remove(Duration::from_secs(2));
+            e.with_log(&dir.join(LOG_NAME))
+        };
+        let (mut child, mut stdout) = match self.spawn_init(dir, false, true) {
+            Ok(c) => c,
+            Err(e) => return Err(fail(None, e)),
+        };
+        let Some(go) = child.stdin.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(
+                None,
+                RuntimeError::Spawn(std::io::Error::other("no stdin pipe")),
+            ));
+        };
+        let mut pid = None;
+        let status = read_status(&mut stdout, START_TIMEOUT, &mut pid, false);
         if status.is_err() && pid.is_none() {
             let _ = child.kill();
         }
         let _ = child.wait();
-        match status {
-            Ok(p) => Ok(p),
-            Err(RuntimeError::Setup { message }) => Err(RuntimeError::Setup {
-                message: with_log_tail(message, &log_path),
-            }),
-            Err(e) => Err(e),
+        let pid = match status {
+            Ok(p) => p,
+            Err(e) => return Err(fail(pid, e)),
+        };
+        let Some((start_time, false)) = proc_start_time(pid) else {
+            return Err(fail(
+                Some(pid),
+                RuntimeError::Setup {
+                    message: format!("spare corex pid {pid} vanished"),
+                },
+            ));
+        };
+        Ok(Spare {
+            id,
+            dir: dir.to_path_buf(),
+            cgroup_parent: cgroup_parent.to_string(),
+            pid,
+            start_time,
+            cgroups,
+            go,
+            status: stdout,
+        })
+    }
+
+    /// Starts the container of `spec` in `spare` (made for the same id, directory and cgroup
+    /// parent, and without host networking): writes the spec, gives the cgroups their limits
+    /// and tells the waiting corex to go on; returns once it is ready. On error the spare is
+    /// gone (its process and cgroups; the directory is the caller's). Blocks.
+    pub fn start_spare(&self, spare: Spare, spec: &ContainerSpec) -> Result<Running, RuntimeError> {
+        let mut spare = spare;
+        let fits = spec.id == spare.id
+            && spec.dir == spare.dir
+            && spec.cgroup_parent == spare.cgroup_parent
+            && !spec.host_network;
+        let checked = spec.validate().and_then(|()| {
+            if !fits {
+                return Err(RuntimeError::InvalidSpec(format!(
+                    "spare {} does not fit container {} (id, directory, cgroups or network)",
+                    spare.id, spec.id
+                )));
+            }
+            if !spare.is_alive() {
+                return Err(RuntimeError::Setup {
+                    message: format!("spare corex pid {} is gone", spare.pid),
+                });
+            }
+            Ok(())
+        });
+        let fail = |spare: &Spare, e: RuntimeError| {
+            kill_pid(spare.pid, libc::SIGKILL);
+            let _ = spare.cgroups.remove(Duration::from_secs(2));
+            let _ = std::fs::remove_file(spare.dir.join(corex::SOCKET_NAME));
+            e.with_log(&spare.dir.join(LOG_NAME))
+        };
+        if let Err(e) = checked {
+            return Err(fail(&spare, e));
         }
+        let spec_path = spec.dir.join(SPEC_NAME);
+        let prepared = serde_json::to_vec_pretty(spec)
+            .map_err(|e| RuntimeError::InvalidSpec(e.to_string()))
+            .and_then(|json| {
+                std::fs::write(&spec_path, json).map_err(io_err("cannot write", &spec_path))
+            })
+            .and_then(|()| Ok(spare.cgroups.take_over(&spec.limits, spec.privileged)?))
+            .and_then(|()| {
+                use std::io::Write;
+                spare
+                    .go
+                    .write_all(b"go\n")
+                    .map_err(|e| RuntimeError::Setup {
+                        message: format!("cannot wake the spare corex: {e}"),
+                    })
+            });
+        if let Err(e) = prepared {
+            return Err(fail(&spare, e));
+        }
+        let mut pid = Some(spare.pid);
+        if let Err(e) = read_status(&mut spare.status, START_TIMEOUT, &mut pid, true) {
+            return Err(fail(&spare, e));
+        }
+        let _ = std::fs::remove_file(spare.dir.join(SPARE_NAME));
+        let pid_path = spec.dir.join(PID_NAME);
+        if let Err(e) = std::fs::write(&pid_path, format!("{} {}\n", spare.pid, spare.start_time)) {
+            return Err(fail(&spare, io_err("cannot write", &pid_path)(e)));
+        }
+        Ok(Running {
+            pid: spare.pid,
+            start_time: spare.start_time,
+            dir: spare.dir.clone(),
+            cgroups: spare.cgroups.clone(),
+        })
+    }
+
+    /// Removes a spare nobody took: its process, its cgroups and its directory. Blocks.
+    pub fn discard_spare(&self, spare: Spare) {
+        if spare.is_alive() {
+            let pidfd = pidfd_open(spare.pid);
+            if spare.is_alive() {
+                kill_pid(spare.pid, libc::SIGKILL);
+                wait_exit(spare.pid, pidfd.as_ref(), Duration::from_secs(5));
+            }
+        }
+        if let Err(e) = spare.cgroups.remove(Duration::from_secs(5)) {
+            tracing::warn!(spare = spare.id, error = %e, "cannot remove a spare's cgroups");
+        }
+        let _ = std::fs::remove_dir_all(&spare.dir);
+    }
+
+    /// Removes what a spare left in `dir` (`spare.json` says it is one) after its core0 ended
+    /// without using it: whatever still runs in its cgroups, the cgroups and the directory.
+    /// Returns false (and touches nothing) when `dir` is no spare's: the caller checks first
+    /// that no container took it over. Blocks.
+    pub fn remove_spare_dir(&self, dir: &Path) -> bool {
+        let Some(marker) = std::fs::read(dir.join(SPARE_NAME))
+            .ok()
+            .and_then(|d| serde_json::from_slice::<SpareSpec>(&d).ok())
+        else {
+            return false;
+        };
+        if let Ok(set) = CgroupSet::open(&self.layout, &marker.cgroup_parent, marker.id)
+            && let Err(e) = set.remove(Duration::from_secs(5))
+        {
+            tracing::warn!(spare = marker.id, error = %e, "cannot remove a spare's cgroups");
+        }
+        if host_mounts().iter().any(|m| m.starts_with(dir)) {
+            return false;
+        }
+        std::fs::remove_dir_all(dir).is_ok()
     }
 
     /// Stops a container: SIGTERM to corex (which kills every process of the container), SIGKILL
@@ -484,11 +732,13 @@ fn wait_exit(pid: i32, pidfd: Option<&OwnedFd>, timeout: Duration) -> bool {
     }
 }
 
-/// Reads `pid <n>` and `ready` (in any order) or `error <message>` from the init process.
+/// Reads `pid <n>` and, when `want_ready`, `ready` (in any order), or `error <message>`, from
+/// the init process.
 fn read_status(
-    mut out: std::process::ChildStdout,
+    out: &mut std::process::ChildStdout,
     timeout: Duration,
     pid: &mut Option<i32>,
+    want_ready: bool,
 ) -> Result<i32, RuntimeError> {
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::new();
@@ -508,7 +758,7 @@ fn read_status(
                 });
             }
         }
-        if let (true, Some(p)) = (ready, *pid) {
+        if let (true, Some(p)) = (ready || !want_ready, *pid) {
             return Ok(p);
         }
         let left = deadline.saturating_duration_since(Instant::now());

@@ -275,6 +275,9 @@ pub fn add_forwards(
     forwards: &[PortForward],
 ) -> Result<(), ForwardError> {
     check_name(container)?;
+    if forwards.is_empty() {
+        return Ok(());
+    }
     let table = bridge.table();
     let existing = list_forwards(ops, bridge)?;
     let mut script = String::new();

@@ -105,6 +105,9 @@ pub trait NetOps {
     fn ip(&self, args: &[&str]) -> Result<String, OpsError>;
     /// Runs `ip <args>` inside another network namespace and returns its standard output.
     fn ip_in(&self, netns: &NetnsRef, args: &[&str]) -> Result<String, OpsError>;
+    /// Runs several `ip` commands in one process (`ip -batch -`), in `netns` when given, stopping
+    /// at the first that fails.
+    fn ip_batch(&self, netns: Option<&NetnsRef>, commands: &[&[&str]]) -> Result<(), OpsError>;
     /// Runs `nft <args>` and returns its standard output.
     fn nft(&self, args: &[&str]) -> Result<String, OpsError>;
     /// Applies an nftables script as one transaction (`nft -f -`).
@@ -186,6 +189,26 @@ impl NetOps for HostOps {
 
     fn ip_in(&self, netns: &NetnsRef, args: &[&str]) -> Result<String, OpsError> {
         in_netns(netns, || Self::run("ip", args, None))
+    }
+
+    fn ip_batch(&self, netns: Option<&NetnsRef>, commands: &[&[&str]]) -> Result<(), OpsError> {
+        // Arguments are interface names, addresses and keywords: no quoting needed, and a
+        // newline in one would start another command.
+        if let Some(bad) = commands.iter().flat_map(|c| c.iter()).find(|a| {
+            a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+        }) {
+            return Err(OpsError::Failed {
+                command: "ip -batch -".into(),
+                status: "not run".into(),
+                stderr: format!("argument {bad:?} cannot go into a batch"),
+            });
+        }
+        let script: String = commands.iter().map(|c| c.join(" ") + "\n").collect();
+        let run = || Self::run("ip", &["-batch", "-"], Some(&script)).map(drop);
+        match netns {
+            Some(ns) => in_netns(ns, run),
+            None => run(),
+        }
     }
 
     fn nft(&self, args: &[&str]) -> Result<String, OpsError> {
@@ -274,6 +297,15 @@ pub(crate) mod fake {
         fn ip_in(&self, netns: &NetnsRef, args: &[&str]) -> Result<String, OpsError> {
             self.answer(format!("ip@{} {}", netns.ip_arg(), args.join(" ")))
         }
+        fn ip_batch(&self, netns: Option<&NetnsRef>, commands: &[&[&str]]) -> Result<(), OpsError> {
+            for c in commands {
+                match netns {
+                    Some(ns) => self.ip_in(ns, c)?,
+                    None => self.ip(c)?,
+                };
+            }
+            Ok(())
+        }
         fn nft(&self, args: &[&str]) -> Result<String, OpsError> {
             self.answer(format!("nft {}", args.join(" ")))
         }
@@ -294,6 +326,21 @@ pub(crate) mod fake {
                 .push(format!("sysctl {key}={value}"));
             self.sysctls.borrow_mut().insert(key.into(), value.into());
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_refuses_arguments_that_would_split_a_line() {
+        for bad in ["", "a b", "x\ny", "\"q\"", "it's"] {
+            let e = HostOps
+                .ip_batch(None, &[&["link", "set", bad, "up"]])
+                .expect_err("refused");
+            assert!(e.to_string().contains("cannot go into a batch"), "{e}");
         }
     }
 }

@@ -118,12 +118,6 @@ pub fn attach_container(
         let veth = host.clone();
         move |source| AttachError::Ops { step, veth, source }
     };
-    match ops.ip(&["-j", "link", "show", "dev", &host]) {
-        Ok(_) => return Err(AttachError::Exists { name: host }),
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(op("looking for the veth")(e)),
-    }
-
     let ns = nic.netns.ip_arg();
     let mut add = vec![
         "link",
@@ -139,44 +133,50 @@ pub fn attach_container(
         add.extend(["address", mac.as_str()]);
     }
     add.extend(["netns", ns.as_str()]);
-    ops.ip(&add).map_err(op("creating the veth pair"))?;
+    match ops.ip(&add) {
+        Ok(_) => {}
+        // The host side's name is the container's: a link with it means it is attached.
+        Err(OpsError::Failed { stderr, .. }) if stderr.contains("File exists") => {
+            return Err(AttachError::Exists { name: host });
+        }
+        Err(e) => return Err(op("creating the veth pair")(e)),
+    }
 
+    // Two `ip` processes for the rest: one on the host side, one in the container.
     let configure = || -> Result<(), AttachError> {
-        ops.ip(&["link", "set", &host, "master", bridge.name(), "up"])
-            .map_err(op("attaching the veth to the bridge"))?;
         // Hairpin: with br_netfilter loaded, a container reaching a port forward of its own
         // leaves and comes back through the same bridge port.
-        ops.ip(&[
-            "link",
-            "set",
-            &host,
-            "type",
-            "bridge_slave",
-            "hairpin",
-            "on",
-        ])
-        .map_err(op("turning hairpin mode on"))?;
-        let inside = |args: &[&str]| ops.ip_in(&nic.netns, args);
-        inside(&["link", "set", "lo", "up"]).map_err(op("bringing lo up in the container"))?;
+        ops.ip_batch(
+            None,
+            &[
+                &["link", "set", &host, "master", bridge.name(), "up"],
+                &[
+                    "link",
+                    "set",
+                    &host,
+                    "type",
+                    "bridge_slave",
+                    "hairpin",
+                    "on",
+                ],
+            ],
+        )
+        .map_err(op("attaching the veth to the bridge (hairpin on)"))?;
         let cidr = format!("{}/{}", nic.ip, nic.prefix);
-        inside(&["addr", "add", &cidr, "dev", &nic.name_inside])
-            .map_err(op("adding the container's address"))?;
-        inside(&["link", "set", &nic.name_inside, "up"])
-            .map_err(op("bringing the container's nic up"))?;
-        if let Some(gw) = nic.gateway {
-            let gw = gw.to_string();
-            inside(&[
-                "route",
-                "replace",
-                "default",
-                "via",
-                &gw,
-                "dev",
-                &nic.name_inside,
-            ])
-            .map_err(op("adding the container's default route"))?;
+        let gw = nic.gateway.map(|g| g.to_string());
+        let dev = nic.name_inside.as_str();
+        let mut inside: Vec<Vec<&str>> = vec![
+            vec!["link", "set", "lo", "up"],
+            vec!["addr", "add", &cidr, "dev", dev],
+            vec!["link", "set", dev, "up"],
+        ];
+        if let Some(gw) = &gw {
+            inside.push(vec!["route", "replace", "default", "via", gw, "dev", dev]);
         }
-        Ok(())
+        let inside: Vec<&[&str]> = inside.iter().map(Vec::as_slice).collect();
+        ops.ip_batch(Some(&nic.netns), &inside).map_err(op(
+            "configuring the container's nic (lo, address, link, route)",
+        ))
     };
     if let Err(e) = configure() {
         if let Err(cleanup) = ops.ip(&["link", "del", &host]) {
@@ -260,10 +260,6 @@ mod tests {
     fn attach_commands() {
         let ops = FakeOps::default();
         let b = bridge(&ops, 0);
-        ops.fail(
-            "ip -j link show dev gv0c7n0",
-            "Device \"gv0c7n0\" does not exist.",
-        );
         let name = attach_container(&ops, &b, &nic()).expect("attach works");
         assert_eq!(name, "gv0c7n0");
         assert_eq!(
@@ -285,16 +281,13 @@ mod tests {
         let ops = FakeOps::default();
         let b = bridge(&ops, 0);
         ops.fail(
-            "ip -j link show dev gv0c7n0",
-            "Device \"gv0c7n0\" does not exist.",
-        );
-        ops.fail(
             "ip@4242 addr add 172.18.0.2/16 dev eth0",
             "RTNETLINK answers: File exists",
         );
         let e = attach_container(&ops, &b, &nic()).expect_err("address fails");
+        let text = e.to_string();
         assert!(
-            e.to_string().contains("adding the container's address"),
+            text.contains("configuring the container's nic") && text.contains("addr add"),
             "{e}"
         );
         assert_eq!(
@@ -304,8 +297,14 @@ mod tests {
 
         let ops = FakeOps::default();
         let b = bridge(&ops, 0);
+        ops.fail(
+            "ip link add gv0c7n0 type veth peer name eth0 address 02:00:00:00:00:07 netns 4242",
+            "RTNETLINK answers: File exists",
+        );
         let e = attach_container(&ops, &b, &nic()).expect_err("already attached");
         assert!(matches!(e, AttachError::Exists { .. }), "{e}");
+        // The existing link is someone's: it is left alone.
+        assert!(!ops.changes().iter().any(|c| c.contains("link del")));
 
         for bad in [
             ContainerNic {
