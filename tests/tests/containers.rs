@@ -51,6 +51,21 @@ async fn create_list_get_and_delete_a_container_body() {
     assert!(r.json["containerId"].as_u64().is_some(), "{}", r.json);
     assert_eq!(r.json["status"], "running");
     assert_eq!(r.json["nics"][0]["type"], "default");
+    // Its address, as the container itself sees it on eth0.
+    let ip = r.json["ip"].as_str().expect("an address").to_string();
+    let base = format!("{node}/containers/vfw_21");
+    let job = start_process(
+        &http,
+        &base,
+        json!({"name": "/bin/ip", "pwd": "", "args": ["-4", "-o", "addr", "show", "dev", "eth0"], "env": []}),
+    )
+    .await;
+    let result = wait_job(&http, &base, &job).await;
+    let shown = result["stdout"].as_str().unwrap_or_default();
+    assert!(
+        shown.contains(&format!("inet {ip}/")),
+        "{ip} not in {result}"
+    );
 
     // The same name again on that node.
     let r = http

@@ -827,3 +827,68 @@ fn core0_restart_adopts_containers_and_delivers_results() {
     assert_eq!(r.stdout(), "again\n");
     ok(&mut c, "a-3", "corex.terminate", json!({"container": id}));
 }
+
+#[test]
+fn bind_mounts_show_host_paths_inside() {
+    let redis = Redis::start();
+    let node = Node::new();
+    let image = Image::build();
+    let _core0 = Core0::start(&node, &redis, None);
+    let mut c = redis.conn();
+    let host = tempfile::tempdir().expect("tempdir");
+    let shared = host.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::write(shared.join("from-host"), "hello from the host\n").expect("write");
+    let conf = host.path().join("extra.conf");
+    std::fs::write(&conf, "key=value\n").expect("write");
+    let id = create(
+        &mut c,
+        "m-1",
+        json!({"root": image.url, "name": "binds", "mount": {
+            shared.to_str().expect("utf-8"): "/mnt/shared",
+            conf.to_str().expect("utf-8"): "/etc/extra.conf",
+        }}),
+    );
+    let r = inside(
+        &mut c,
+        id,
+        "m-2",
+        "bash",
+        json!({"script": "cat /mnt/shared/from-host /etc/extra.conf && echo written > /mnt/shared/from-inside"}),
+    );
+    assert_eq!(
+        (r.state, r.stdout()),
+        (State::Success, "hello from the host\nkey=value\n")
+    );
+    assert_eq!(
+        std::fs::read_to_string(shared.join("from-inside")).expect("written inside"),
+        "written\n"
+    );
+    // The bind mounts live in the container's mount namespace only.
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!host_mounts.contains("/mnt/shared"), "{host_mounts}");
+    ok(&mut c, "m-3", "corex.terminate", json!({"container": id}));
+    assert!(shared.join("from-host").exists(), "the host's files stay");
+
+    let err = |c: &mut redis::Connection, id: &str, mount: Value| -> String {
+        let r = run(
+            c,
+            id,
+            "corex.create",
+            json!({"root": image.url, "mount": mount}),
+        );
+        assert_eq!(r.state, State::Error, "{id}: {}", r.data);
+        r.json_data().expect("error text")
+    };
+    let src = shared.to_str().expect("utf-8");
+    let e = err(&mut c, "mb-1", json!({"/nonexistent/grid-src": "/x"}));
+    assert!(e.contains("does not exist"), "{e}");
+    let e = err(&mut c, "mb-2", json!({src: "relative/x"}));
+    assert!(e.contains("mount target"), "{e}");
+    let e = err(&mut c, "mb-3", json!({src: "/a/../../x"}));
+    assert!(e.contains("mount target"), "{e}");
+    let e = err(&mut c, "mb-4", json!({src: "/"}));
+    assert!(e.contains("mount target"), "{e}");
+    let e = err(&mut c, "mb-5", json!({"https://hub/x.flist": "/x"}));
+    assert!(e.contains("image mounts are not supported"), "{e}");
+}

@@ -130,6 +130,7 @@ impl Fixture {
             limits,
             cgroup_parent: run_name(),
             env: vec![("GRID_TEST".into(), "yes".into())],
+            mounts: vec![],
         }
     }
 }
@@ -267,6 +268,20 @@ fn container_namespaces_overlay_cgroups_and_exec() {
     for kind in ["pid", "mnt", "uts", "ipc", "net"] {
         assert_ne!(ns("self", kind), ns(&pid.to_string(), kind), "{kind} ns");
     }
+    // corex runs from the sealed copy: the binary's segments without its debug sections.
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe link");
+    assert!(
+        exe.to_string_lossy().contains("memfd:corex"),
+        "{}",
+        exe.display()
+    );
+    let copy = std::fs::metadata(format!("/proc/{pid}/exe"))
+        .expect("stat copy")
+        .len();
+    let full = std::fs::metadata(env!("CARGO_BIN_EXE_core0"))
+        .expect("stat")
+        .len();
+    assert!(copy > 0 && copy < full, "copy {copy} bytes, binary {full}");
     // Cgroups: corex is in c<id> of every controller, with the limits.
     let rel = format!("/{}/c{id}", run_name());
     let cg = read(format!("/proc/{pid}/cgroup"));

@@ -506,6 +506,14 @@ fn setup(spec: &ContainerSpec) -> Result<UnixListener, CorexError> {
         None
     };
 
+    // Bind mounts: the host trees are taken now, while the host's paths are visible, and put in
+    // place after pivot_root, where their targets resolve inside the container's root.
+    let trees = spec
+        .mounts
+        .iter()
+        .map(|m| open_tree(&m.source).map(|(fd, dir)| (fd, dir, m.target.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
+
     enter_root(&merged)?;
 
     let nosuid_nodev_noexec = F::MS_NOSUID | F::MS_NODEV | F::MS_NOEXEC;
@@ -524,6 +532,9 @@ fn setup(spec: &ContainerSpec) -> Result<UnixListener, CorexError> {
     };
     mount(Some("sysfs"), "/sys", Some("sysfs"), sys_flags, None)?;
     setup_dev()?;
+    for (fd, dir, target) in trees {
+        attach_tree(fd, dir, &target)?;
+    }
     if !spec.privileged {
         mask_proc();
     }
@@ -551,6 +562,63 @@ fn setup(spec: &ContainerSpec) -> Result<UnixListener, CorexError> {
         nix::sys::prctl::set_no_new_privs().map_err(step("no_new_privs"))?;
     }
     Ok(listener)
+}
+
+/// A detached copy of the mount tree at host path `source` (`open_tree(2)`, recursive), and
+/// whether it is a directory.
+fn open_tree(source: &Path) -> Result<(OwnedFd, bool), CorexError> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let what = format!("open_tree {}", source.display());
+    let dir = std::fs::metadata(source)
+        .map_err(io_step(what.clone()))?
+        .is_dir();
+    let c = std::ffi::CString::new(source.as_os_str().as_encoded_bytes())
+        .map_err(|_| io_step(what.clone())(std::io::ErrorKind::InvalidInput.into()))?;
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
+    // SAFETY: open_tree(2) with a NUL-terminated path we own; the fd is owned right away.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io_step(what)(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a non-negative return is a new fd nothing else owns.
+    Ok((unsafe { OwnedFd::from_raw_fd(fd as RawFd) }, dir))
+}
+
+/// Puts a tree from [`open_tree`] at `target` in the (new) root, making the directory, or an
+/// empty file for a file, where none is.
+fn attach_tree(tree: OwnedFd, dir: bool, target: &str) -> Result<(), CorexError> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let what = format!("mount {target}");
+    if dir {
+        std::fs::create_dir_all(target).map_err(io_step(what.clone()))?;
+    } else {
+        if let Some(parent) = Path::new(target).parent() {
+            std::fs::create_dir_all(parent).map_err(io_step(what.clone()))?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(target)
+            .map_err(io_step(what.clone()))?;
+    }
+    let c = std::ffi::CString::new(target)
+        .map_err(|_| io_step(what.clone())(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: move_mount(2) of a tree fd we own onto a NUL-terminated path we own.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(io_step(what)(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn mkdirs(dirs: &[&str]) -> Result<(), CorexError> {

@@ -50,6 +50,37 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long a job waits for its exit after a timeout kill before it is reported anyway.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
+/// The bind mounts of `mount` (`{host path: container path}`), checked; an image URL as the
+/// source (the original's flist mounts) is refused.
+fn bind_mounts(args: &CreateArgs) -> Result<Vec<runtime::BindMount>, ManagerError> {
+    let Some(map) = &args.mount else {
+        return Ok(Vec::new());
+    };
+    if map.len() > MAX_MOUNTS {
+        return Err(ManagerError::Invalid(format!(
+            "at most {MAX_MOUNTS} mounts, not {}",
+            map.len()
+        )));
+    }
+    map.iter()
+        .map(|(src, dst)| {
+            if src.contains("://") {
+                return Err(ManagerError::Invalid(format!(
+                    "mount source {src}: image mounts are not supported; give a host path"
+                )));
+            }
+            let m = runtime::BindMount {
+                source: PathBuf::from(src),
+                target: dst.clone(),
+            };
+            m.validate().map_err(ManagerError::Invalid)?;
+            Ok(m)
+        })
+        .collect()
+}
+
+/// Bind mounts a container may have.
+const MAX_MOUNTS: usize = 64;
 /// How long a create waits for the spare container being made.
 const SPARE_WAIT: Duration = Duration::from_secs(2);
 
@@ -153,7 +184,7 @@ pub struct InitProcess {
 pub struct CreateArgs {
     /// The image URL.
     pub root: String,
-    /// Bind mounts (host path → container path); not supported yet.
+    /// Bind mounts: host path → container path.
     pub mount: Option<BTreeMap<String, String>>,
     /// Share the host's network namespace.
     pub host_network: bool,
@@ -969,10 +1000,13 @@ impl ContainerManager {
                 "root (the image URL) is required".into(),
             ));
         }
-        if args.mount.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(ManagerError::Invalid(
-                "bind mounts are not supported yet".into(),
-            ));
+        for m in bind_mounts(&args)? {
+            if !m.source.exists() {
+                return Err(ManagerError::Invalid(format!(
+                    "mount source {} does not exist on the node",
+                    m.source.display()
+                )));
+            }
         }
         if !args.host_network {
             for n in &args.nics {
@@ -1197,6 +1231,7 @@ impl ContainerManager {
             limits: c.args.limits.clone().unwrap_or_default(),
             cgroup_parent: self.cfg.cgroup_parent.clone(),
             env: vec![],
+            mounts: bind_mounts(&c.args)?,
         };
         std::fs::create_dir_all(&c.dir).map_err(io_err(&c.dir))?;
         c.record.state = "running".into();

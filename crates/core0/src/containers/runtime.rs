@@ -173,6 +173,46 @@ pub struct ContainerSpec {
     pub cgroup_parent: String,
     /// Environment of every job.
     pub env: Vec<(String, String)>,
+    /// Bind mounts: an absolute host path and where it appears in the container (absolute).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<BindMount>,
+}
+
+/// A host file or directory bind-mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    /// The absolute host path.
+    pub source: PathBuf,
+    /// The absolute path in the container.
+    pub target: String,
+}
+
+impl BindMount {
+    /// Checks both paths: absolute, plain components, the target not `/`.
+    pub fn validate(&self) -> Result<(), String> {
+        // `Path::components` drops inner `.`: look at the text itself.
+        let plain = |p: &Path| {
+            p.is_absolute()
+                && !p
+                    .to_string_lossy()
+                    .split('/')
+                    .any(|seg| seg == "." || seg == "..")
+        };
+        if !plain(&self.source) || self.source.as_os_str().as_encoded_bytes().contains(&0) {
+            return Err(format!(
+                "mount source {} must be an absolute host path without . or ..",
+                self.source.display()
+            ));
+        }
+        let target = Path::new(&self.target);
+        if !plain(target) || self.target.contains('\0') || target.parent().is_none() {
+            return Err(format!(
+                "mount target {:?} must be an absolute container path without . or .., not /",
+                self.target
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ContainerSpec {
@@ -216,6 +256,9 @@ impl ContainerSpec {
                 return bad(format!("environment variable {k:?}"));
             }
         }
+        for m in &self.mounts {
+            m.validate().map_err(RuntimeError::InvalidSpec)?;
+        }
         Ok(())
     }
 }
@@ -258,6 +301,36 @@ fn proc_start_time(pid: i32) -> Option<(u64, bool)> {
     Some((start, *state == "Z" || *state == "X"))
 }
 
+/// The length of the part of a 64-bit little-endian ELF file that its program headers cover
+/// (the headers themselves and every segment's bytes in the file); `None` when `f` is not such a
+/// file.
+fn loadable_len(f: &mut impl std::io::Read) -> Option<u64> {
+    let mut head = [0u8; 64];
+    f.read_exact(&mut head).ok()?;
+    if &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        return None;
+    }
+    let u16_at = |b: &[u8], o: usize| Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?));
+    let u64_at = |b: &[u8], o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+    let phoff = u64_at(&head, 0x20)?;
+    let phentsize = u64::from(u16_at(&head, 0x36)?);
+    let phnum = u64::from(u16_at(&head, 0x38)?);
+    if phentsize < 56 || phnum == 0 || phoff < 64 {
+        return None;
+    }
+    // The program headers follow the ELF header in every binary rustc and ld make.
+    let mut table = vec![0u8; usize::try_from(phoff - 64 + phentsize * phnum).ok()?];
+    f.read_exact(&mut table).ok()?;
+    let mut end = phoff + phentsize * phnum;
+    for i in 0..phnum {
+        let at = usize::try_from(phoff - 64 + i * phentsize).ok()?;
+        let offset = u64_at(&table, at + 8)?;
+        let filesz = u64_at(&table, at + 32)?;
+        end = end.max(offset.checked_add(filesz)?);
+    }
+    Some(end)
+}
+
 /// Makes a sealed, read-only memfd copy of `path`.
 fn sealed_copy(path: &Path) -> Result<OwnedFd, RuntimeError> {
     let err = |source| RuntimeError::Exe {
@@ -281,7 +354,12 @@ fn sealed_copy(path: &Path) -> Result<OwnedFd, RuntimeError> {
     let rw = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut dst = std::fs::File::from(rw);
     let mut src = std::fs::File::open(path).map_err(err)?;
-    std::io::copy(&mut src, &mut dst).map_err(err)?;
+    // Only what exec and the dynamic loader read: the debug sections and symbol tables after
+    // the segments (six times the code here) would sit in memory for nothing.
+    let len = loadable_len(&mut src).unwrap_or(u64::MAX);
+    use std::io::{Read as _, Seek as _};
+    src.rewind().map_err(err)?;
+    std::io::copy(&mut (&mut src).take(len), &mut dst).map_err(err)?;
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: fcntl(2) on an fd we own.
     if unsafe { libc::fcntl(dst.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
@@ -859,6 +937,7 @@ mod tests {
             limits: Limits::default(),
             cgroup_parent: "grid/n0".into(),
             env: vec![],
+            mounts: vec![],
         }
     }
 
@@ -881,6 +960,29 @@ mod tests {
         let mut s = spec(t.path());
         s.dir = PathBuf::from(format!("/{}", "d".repeat(120)));
         assert!(s.validate().is_err());
+        let bind = |source: &str, target: &str| BindMount {
+            source: PathBuf::from(source),
+            target: target.into(),
+        };
+        let mut s = spec(t.path());
+        s.mounts = vec![
+            bind("/srv/data", "/data"),
+            bind("/etc/x.conf", "/etc/x.conf"),
+        ];
+        assert!(s.validate().is_ok());
+        for (src, dst) in [
+            ("srv", "/data"),
+            ("/srv/../etc", "/data"),
+            ("/srv", "data"),
+            ("/srv", "/"),
+            ("/srv", "/a/../../b"),
+            ("/srv", "/a/./b"),
+            ("/srv", "/a\0b"),
+        ] {
+            let mut s = spec(t.path());
+            s.mounts = vec![bind(src, dst)];
+            assert!(s.validate().is_err(), "{src} -> {dst:?}");
+        }
     }
 
     #[test]
@@ -889,6 +991,24 @@ mod tests {
         let (t, zombie) = proc_start_time(me).expect("own stat");
         assert!(t > 0);
         assert!(!zombie);
+    }
+
+    #[test]
+    fn loadable_part_of_an_elf_file() {
+        let exe = std::fs::read("/proc/self/exe").expect("own binary");
+        let len = loadable_len(&mut exe.as_slice()).expect("an ELF file") as usize;
+        assert!(len > 64 && len <= exe.len());
+        // Every segment lies inside the part kept.
+        let phoff = u64::from_le_bytes(exe[0x20..0x28].try_into().expect("8 bytes")) as usize;
+        let phnum = u16::from_le_bytes(exe[0x38..0x3a].try_into().expect("2 bytes")) as usize;
+        for i in 0..phnum {
+            let ph = &exe[phoff + i * 56..];
+            let off = u64::from_le_bytes(ph[8..16].try_into().expect("8 bytes")) as usize;
+            let size = u64::from_le_bytes(ph[32..40].try_into().expect("8 bytes")) as usize;
+            assert!(off + size <= len);
+        }
+        assert_eq!(loadable_len(&mut &b"#!/bin/sh\n"[..]), None);
+        assert_eq!(loadable_len(&mut &exe[..40]), None);
     }
 
     #[test]
