@@ -340,6 +340,18 @@ fn alive(pid: i32) -> bool {
     })
 }
 
+/// Starts a TCP listener on port 8081 in container `id` (busybox nc) and waits until it listens.
+fn go_listen(c: &mut redis::Connection, id: u64) {
+    let r = inside(
+        c,
+        id,
+        "listen",
+        "bash",
+        json!({"script": "nc -l -p 8081 </dev/null >/dev/null 2>&1 & for i in $(seq 100); do netstat -ltn | grep -q ':8081 ' && exit 0; sleep 0.05; done; exit 1"}),
+    );
+    assert_eq!(r.state, State::Success, "listener: {}", r.data);
+}
+
 /// The ids of the node's spare containers (directories marked by `spare.json`).
 fn spares(node: &Node) -> Vec<u64> {
     let root = node.data().join("containers");
@@ -756,6 +768,45 @@ fn default_nic_gets_address_and_forward() {
         json!({"script": "ip -4 addr show eth0"}),
     );
     assert!(r.stdout().contains(&ip), "{}", r.stdout());
+    // info.* in the container's view: its interfaces, its listening sockets with the pids seen
+    // inside, its mounts.
+    let nics = inside(&mut c, id, "in-nic", "info.nic", Value::Null);
+    let nics: Value = nics.json_data().expect("nics");
+    let names: Vec<&str> = nics
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["lo", "eth0"], "{nics}");
+    assert!(nics.to_string().contains(&format!("{ip}/")), "{nics}");
+    go_listen(&mut c, id);
+    let ports: Value = inside(&mut c, id, "in-port", "info.port", Value::Null)
+        .json_data()
+        .expect("ports");
+    let listener = ports
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|p| (p["network"] == "tcp" || p["network"] == "tcp6") && p["port"] == 8081)
+        .cloned()
+        .unwrap_or_else(|| panic!("port 8081 listed: {ports}"));
+    let pid = listener["pid"].as_i64().expect("owner pid");
+    assert!(pid > 1 && pid < 100, "a pid as seen inside: {listener}");
+    // corex's control socket is the node's business, not the container's.
+    assert!(!ports.to_string().contains("corex.sock"), "{ports}");
+    let disks: Value = inside(&mut c, id, "in-disk", "info.disk", Value::Null)
+        .json_data()
+        .expect("disks");
+    let root = disks
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|d| d["mountpoint"] == "/")
+        .cloned()
+        .unwrap_or_else(|| panic!("/ listed: {disks}"));
+    assert_eq!(root["fstype"], "overlay", "{root}");
+    assert!(root["size"].as_u64().is_some_and(|s| s > 0), "{root}");
     let table = format!("grid{}", node.idx);
     let rules = ns.out(&["nft", "list", "table", "inet", &table]);
     assert!(

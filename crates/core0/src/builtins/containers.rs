@@ -329,6 +329,21 @@ fn inside(
             }
             cmd::INFO_CPU => encode(crate::info::cpus().map_err(|x| e(&x))?),
             cmd::INFO_MEM => encode(crate::info::mem().map_err(|x| e(&x))?),
+            cmd::INFO_DISK => encode(crate::info::disks_of(Some(pid)).map_err(|x| e(&x))?),
+            cmd::INFO_NIC => encode(crate::info::nics_of(pid).map_err(|x| e(&x))?),
+            cmd::INFO_PORT => {
+                let net = std::path::PathBuf::from(format!("/proc/{pid}/net"));
+                let owners = ns_pids(pid);
+                let mut ports = crate::info::ports_in(&net, Some(&owners)).map_err(|x| e(&x))?;
+                // corex's control socket (bound on the host side) is not the container's.
+                ports.retain(|p| {
+                    !(p.pid == 1
+                        && p.unix
+                            .as_deref()
+                            .is_some_and(|u| u.ends_with(crate::containers::corex::SOCKET_NAME)))
+                });
+                encode(ports)
+            }
             cmd::INFO_VERSION => encode(crate::info::version()),
             cmd::FS_OPEN => {
                 let a: FsOpenArgs = decode(args)?;

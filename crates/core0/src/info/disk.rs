@@ -30,16 +30,27 @@ const NETWORK_FS: &[&str] = &[
 ];
 
 /// `info.disk`: the mounted filesystems.
+pub fn disks() -> Result<Vec<DiskPartition>, InfoError> {
+    disks_of(None)
+}
+
+/// `info.disk` as process `pid` sees it (a container's corex): its mount table, sizes measured
+/// through its root (`/proc/<pid>/root`); `None`: this process's view.
 #[allow(
     clippy::useless_conversion,
     reason = "statvfs counters are u32 on some 32-bit targets"
 )]
-pub fn disks() -> Result<Vec<DiskPartition>, InfoError> {
-    let mut list = parse_mounts(&read(MOUNTS)?);
+pub fn disks_of(pid: Option<i32>) -> Result<Vec<DiskPartition>, InfoError> {
+    let (table, root) = match pid {
+        Some(p) => (format!("/proc/{p}/mounts"), format!("/proc/{p}/root")),
+        None => (MOUNTS.to_string(), String::new()),
+    };
+    let mut list = parse_mounts(&read(table)?);
     for d in &mut list {
         let local = !NETWORK_FS.contains(&d.fstype.as_str());
+        let at = format!("{root}{}", d.mountpoint);
         if let Some(st) = local
-            .then(|| nix::sys::statvfs::statvfs(d.mountpoint.as_str()).ok())
+            .then(|| nix::sys::statvfs::statvfs(at.as_str()).ok())
             .flatten()
         {
             let frsize = u64::from(st.fragment_size());

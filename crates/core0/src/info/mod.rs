@@ -15,14 +15,14 @@ mod os;
 mod port;
 
 pub use cpu::cpus;
-pub use disk::disks;
+pub use disk::{disks, disks_of};
 pub use grid_proto::info::{
     CpuInfo, DiskPartition, MemInfo, NicAddr, NicInfo, OsInfo, PortInfo, VersionInfo,
 };
 pub use mem::mem;
-pub use nic::nics;
+pub use nic::{nics, nics_of};
 pub use os::os;
-pub use port::ports;
+pub use port::{ports, ports_in};
 
 pub(crate) use os::boot_time;
 

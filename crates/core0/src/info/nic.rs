@@ -19,16 +19,46 @@ const FLAG_NAMES: &[(u32, &str)] = &[
 
 /// `info.nic`: all interfaces, ordered by interface index.
 pub fn nics() -> Result<Vec<NicInfo>, InfoError> {
-    let dir = std::fs::read_dir(SYS_NET).map_err(|source| InfoError::Read {
-        path: SYS_NET.into(),
+    list(Path::new(SYS_NET), addresses()?)
+}
+
+/// `info.nic` in the network namespace of process `pid` (a container's corex): the interfaces
+/// of the `/sys` it mounted in that namespace, the addresses read from a thread that joined it.
+pub fn nics_of(pid: i32) -> Result<Vec<NicInfo>, InfoError> {
+    let ns_path = format!("/proc/{pid}/ns/net");
+    let ns = std::fs::File::open(&ns_path).map_err(|source| InfoError::Read {
+        path: ns_path.clone().into(),
         source,
     })?;
-    let mut addrs = addresses()?;
+    let addrs = std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                InfoError::Read {
+                    path: ns_path.into(),
+                    source: std::io::Error::from(e),
+                }
+            })?;
+            addresses()
+        })
+        .join()
+        .unwrap_or(Err(InfoError::Ifaddrs(nix::errno::Errno::EIO)))
+    })?;
+    list(Path::new(&format!("/proc/{pid}/root{SYS_NET}")), addrs)
+}
+
+fn list(
+    sys_net: &Path,
+    mut addrs: HashMap<String, Vec<NicAddr>>,
+) -> Result<Vec<NicInfo>, InfoError> {
+    let dir = std::fs::read_dir(sys_net).map_err(|source| InfoError::Read {
+        path: sys_net.into(),
+        source,
+    })?;
     let mut list: Vec<(u32, NicInfo)> = dir
         .filter_map(Result::ok)
         .map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let base = Path::new(SYS_NET).join(&name);
+            let base = sys_net.join(&name);
             let attr = |a: &str| read_trimmed(base.join(a));
             let index = attr("ifindex")
                 .and_then(|s| s.parse().ok())

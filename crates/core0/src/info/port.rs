@@ -3,6 +3,7 @@
 use super::{InfoError, PortInfo, read};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 
 /// TCP `LISTEN`.
 const TCP_LISTEN: &str = "0A";
@@ -23,6 +24,13 @@ struct Listening {
 
 /// `info.port`: listening sockets with their owning pid (0 when unknown).
 pub fn ports() -> Result<Vec<PortInfo>, InfoError> {
+    ports_in(Path::new("/proc/net"), None)
+}
+
+/// The listening sockets of the network namespace whose `/proc/.../net` directory is `net`. With
+/// `owners`, `(host pid, pid shown)` pairs, only those processes are searched for the sockets'
+/// owners and their own pids are shown (a container's view); otherwise every process, as is.
+pub fn ports_in(net: &Path, owners: Option<&[(i32, i32)]>) -> Result<Vec<PortInfo>, InfoError> {
     let mut all = Vec::new();
     for (network, state) in [
         ("tcp", TCP_LISTEN),
@@ -30,7 +38,7 @@ pub fn ports() -> Result<Vec<PortInfo>, InfoError> {
         ("udp", UDP_LISTEN),
         ("udp6", UDP_LISTEN),
     ] {
-        let path = format!("/proc/net/{network}");
+        let path = net.join(network);
         match read(&path) {
             Ok(text) => all.extend(parse_inet(&text, network, state)),
             // A kernel without IPv6 has no tcp6/udp6.
@@ -39,9 +47,9 @@ pub fn ports() -> Result<Vec<PortInfo>, InfoError> {
             Err(e) => return Err(e),
         }
     }
-    all.extend(parse_unix(&read("/proc/net/unix")?));
+    all.extend(parse_unix(&read(net.join("unix"))?));
     let wanted: HashSet<u64> = all.iter().map(|l| l.inode).filter(|i| *i != 0).collect();
-    let owners = socket_owners(&wanted);
+    let owners = socket_owners(&wanted, owners);
     Ok(all
         .into_iter()
         .map(|l| PortInfo {
@@ -114,21 +122,29 @@ fn parse_unix(text: &str) -> Vec<Listening> {
         .collect()
 }
 
-/// The pid holding each wanted socket inode, from the `/proc/<pid>/fd` links (lowest pid wins).
-fn socket_owners(wanted: &HashSet<u64>) -> HashMap<u64, i64> {
+/// The pid holding each wanted socket inode, from the `/proc/<pid>/fd` links (lowest pid wins),
+/// among `among` (`(host pid, pid shown)`) or every process.
+fn socket_owners(wanted: &HashSet<u64>, among: Option<&[(i32, i32)]>) -> HashMap<u64, i64> {
     let mut owners = HashMap::new();
     if wanted.is_empty() {
         return owners;
     }
-    let mut pids: Vec<i64> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    pids.sort_unstable();
-    for pid in pids {
+    let mut pids: Vec<(i64, i64)> = match among {
+        Some(list) => list
+            .iter()
+            .map(|(h, s)| (i64::from(*h), i64::from(*s)))
+            .collect(),
+        None => std::fs::read_dir("/proc")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .map(|p| (p, p))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    pids.sort_unstable_by_key(|(_, shown)| *shown);
+    for (pid, shown) in pids {
         // Processes vanish and hide their fds from other users: skip what cannot be read.
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
@@ -140,7 +156,7 @@ fn socket_owners(wanted: &HashSet<u64>) -> HashMap<u64, i64> {
             if let Some(inode) = socket_inode(&target.to_string_lossy())
                 && wanted.contains(&inode)
             {
-                owners.entry(inode).or_insert(pid);
+                owners.entry(inode).or_insert(shown);
             }
         }
         if owners.len() == wanted.len() {
