@@ -303,15 +303,7 @@ pub fn init_main(dir: &Path, spare: bool) -> u8 {
 }
 
 fn read_spare(dir: &Path) -> Result<super::runtime::SpareSpec, CorexError> {
-    let path = dir.join(super::runtime::SPARE_NAME);
-    let data = std::fs::read(&path).map_err(|e| CorexError::Spec {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    serde_json::from_slice(&data).map_err(|e| CorexError::Spec {
-        path,
-        message: e.to_string(),
-    })
+    read_json(&dir.join(super::runtime::SPARE_NAME))
 }
 
 /// A spare's PID 1: waits for `go` on stdin, then reads the spec, which must be for the cgroups
@@ -362,7 +354,12 @@ fn report_error(e: &CorexError) -> u8 {
 }
 
 fn read_spec(dir: &Path) -> Result<ContainerSpec, CorexError> {
-    let path = dir.join(super::runtime::SPEC_NAME);
+    read_json(&dir.join(super::runtime::SPEC_NAME))
+}
+
+/// A JSON file of the container directory (the spec, a spare's marker).
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CorexError> {
+    let path = path.to_path_buf();
     let data = std::fs::read(&path).map_err(|e| CorexError::Spec {
         path: path.clone(),
         message: e.to_string(),
