@@ -50,6 +50,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long a job waits for its exit after a timeout kill before it is reported anyway.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
+/// Bind mounts a container may have.
+const MAX_MOUNTS: usize = 64;
+/// How long a create waits for the spare container being made.
+const SPARE_WAIT: Duration = Duration::from_secs(2);
+
 /// The bind mounts of `mount` (`{host path: container path}`), checked; an image URL as the
 /// source (the original's flist mounts) is refused.
 fn bind_mounts(args: &CreateArgs) -> Result<Vec<runtime::BindMount>, ManagerError> {
@@ -78,11 +83,6 @@ fn bind_mounts(args: &CreateArgs) -> Result<Vec<runtime::BindMount>, ManagerErro
         })
         .collect()
 }
-
-/// Bind mounts a container may have.
-const MAX_MOUNTS: usize = 64;
-/// How long a create waits for the spare container being made.
-const SPARE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a container operation failed; the text is what the client sees.
 #[derive(Debug, thiserror::Error)]
@@ -1137,9 +1137,9 @@ impl ContainerManager {
     }
 
     /// Makes a spare container in the background unless one is ready or being made, or spares
-    /// are off. Its id is taken like a container's (under the ops lock); the slow part (the
-    /// namespaces, and moving corex into its cgroups, which waits for an RCU grace period)
-    /// runs without the lock.
+    /// are off. Its id comes from the same counter as containers' ids; the ops lock is not
+    /// taken, so creates, stops and deletes go on while it is made (the slow part: the
+    /// namespaces, and moving corex into its cgroups, which waits for an RCU grace period).
     fn refill_spare(&self) {
         if !self.cfg.spare
             || self.closing.load(Ordering::SeqCst)
