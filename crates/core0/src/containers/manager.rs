@@ -635,6 +635,21 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), ManagerError> {
 
 /// What a dispatched process runs: `(program, args, dir, env, stdin)`.
 fn exec_of(id: &str, cmd: &Command) -> Result<wire::Exec, String> {
+    // Refused rather than ignored: the job would run once, at once, whatever the client asked.
+    let unsupported: Vec<&str> = [
+        ("queue", cmd.queue.as_deref().is_some_and(|q| !q.is_empty())),
+        ("max_restart", cmd.max_restart > 0),
+        ("recurring_period", cmd.recurring_period > 0),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if !unsupported.is_empty() {
+        return Err(format!(
+            "{} not supported for jobs in a container yet",
+            unsupported.join(", ")
+        ));
+    }
     if cmd.command == BASH {
         let a: BashArgs = crate::builtins::decode(cmd.arguments.clone())?;
         Ok(wire::Exec {
@@ -1970,6 +1985,23 @@ mod tests {
         assert!(parse_ports(&bad).is_err());
         let zero: BTreeMap<String, u16> = [("80".to_string(), 0)].into();
         assert!(parse_ports(&zero).is_err());
+    }
+
+    #[test]
+    fn container_jobs_refuse_what_they_would_ignore() {
+        let mut cmd = Command::new("j1", CORE_SYSTEM, serde_json::json!({"name": "true"}));
+        assert!(exec_of("j1", &cmd).is_ok());
+        cmd.max_restart = 2;
+        cmd.queue = Some("q".into());
+        let e = exec_of("j1", &cmd).expect_err("refused");
+        assert_eq!(
+            e,
+            "queue, max_restart not supported for jobs in a container yet"
+        );
+        cmd.max_restart = 0;
+        cmd.queue = None;
+        cmd.recurring_period = 5;
+        assert!(exec_of("j1", &cmd).is_err());
     }
 
     #[test]
