@@ -943,3 +943,70 @@ fn bind_mounts_show_host_paths_inside() {
     let e = err(&mut c, "mb-5", json!({"https://hub/x.flist": "/x"}));
     assert!(e.contains("image mounts are not supported"), "{e}");
 }
+
+#[test]
+fn filesystem_chown_uses_the_containers_accounts() {
+    let redis = Redis::start();
+    let node = Node::new();
+    let image = Image::build();
+    let _core0 = Core0::start(&node, &redis, None);
+    let mut c = redis.conn();
+    let id = create(&mut c, "o-1", json!({"root": image.url, "name": "owners"}));
+    let r = inside(
+        &mut c,
+        id,
+        "o-2",
+        "bash",
+        json!({"script": "echo 'app:x:1234:1234::/:/bin/sh' > /etc/passwd && echo 'staff:x:4321:' > /etc/group && mkdir -p /tmp/owned/sub && touch /tmp/owned/sub/f && ln -s /etc/passwd /tmp/owned/link"}),
+    );
+    assert_eq!(r.state, State::Success, "{}", r.data);
+    let chown = |c: &mut redis::Connection, job: &str, args: Value| {
+        inside(c, id, job, "filesystem.chown", args)
+    };
+    let r = chown(
+        &mut c,
+        "o-3",
+        json!({"path": "/tmp/owned", "user": "app", "group": "staff", "recursive": true}),
+    );
+    assert_eq!(r.state, State::Success, "{}", r.data);
+    let r = inside(
+        &mut c,
+        id,
+        "o-4",
+        "bash",
+        json!({"script": "stat -c %u:%g /tmp/owned /tmp/owned/sub/f /etc/passwd"}),
+    );
+    // The symlink's target (outside the tree) is left alone.
+    assert_eq!(r.stdout(), "1234:4321\n1234:4321\n0:0\n");
+    let r = chown(
+        &mut c,
+        "o-5",
+        json!({"path": "/tmp/owned", "user": "ghost", "group": ""}),
+    );
+    assert_eq!(r.state, State::Error);
+    assert!(r.data.contains("unknown user ghost"), "{}", r.data);
+    let r = chown(
+        &mut c,
+        "o-6",
+        json!({"path": "/tmp/owned", "user": "77", "group": ""}),
+    );
+    assert_eq!(r.state, State::Success, "{}", r.data);
+    // chmod goes down the tree the same way, symlinks not followed.
+    let r = inside(
+        &mut c,
+        id,
+        "o-7",
+        "filesystem.chmod",
+        json!({"path": "/tmp/owned", "mode": 0o750, "recursive": true}),
+    );
+    assert_eq!(r.state, State::Success, "{}", r.data);
+    let r = inside(
+        &mut c,
+        id,
+        "o-8",
+        "bash",
+        json!({"script": "stat -c %a /tmp/owned/sub /tmp/owned/sub/f /etc/passwd"}),
+    );
+    assert_eq!(r.stdout(), "750\n750\n644\n");
+    ok(&mut c, "o-9", "corex.terminate", json!({"container": id}));
+}

@@ -12,8 +12,8 @@ use crate::containers::image::{Phase, Progress};
 use crate::containers::manager::{ContainerManager, is_process};
 use crate::jobs::Publish;
 use grid_proto::args::{
-    FsChmodArgs, FsFdArgs, FsMoveArgs, FsOpenArgs, FsPathArgs, FsWriteArgs, JobKillArgs,
-    JobListArgs, ProcessKillArgs, ProcessListArgs,
+    FsChmodArgs, FsChownArgs, FsFdArgs, FsMoveArgs, FsOpenArgs, FsPathArgs, FsWriteArgs,
+    JobKillArgs, JobListArgs, ProcessKillArgs, ProcessListArgs,
 };
 use grid_proto::commands as cmd;
 use grid_proto::info::{CoreState, FsEntry, ProcessInfo};
@@ -396,6 +396,14 @@ fn inside(
                 Root::open(pid)?.chmod(&a.path, a.mode, a.recursive)?;
                 Ok(Value::Null)
             }
+            cmd::FS_CHOWN => {
+                let a: FsChownArgs = decode(args)?;
+                let root = Root::open(pid)?;
+                let uid = root.account_id("/etc/passwd", "user", &a.user)?;
+                let gid = root.account_id("/etc/group", "group", &a.group)?;
+                root.chown(&a.path, uid, gid, a.recursive)?;
+                Ok(Value::Null)
+            }
             _ => Err(String::new()),
         }
     })();
@@ -491,6 +499,11 @@ fn cstr(s: &str) -> Result<CString, String> {
 
 fn fd_path(fd: &OwnedFd) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Whether `fd` (which may be an `O_PATH` descriptor) is a directory.
+fn is_dir(fd: &OwnedFd) -> bool {
+    nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
 }
 
 /// `(parent, last component)` of a path; the root itself has no last component.
@@ -642,6 +655,51 @@ impl Root {
         Ok(())
     }
 
+    /// The id of user or group `name` in the container's own `/etc/passwd` or `/etc/group`
+    /// (`kind` names which in errors); a number is taken as it is; empty: unchanged (`None`).
+    fn account_id(&self, file: &str, kind: &str, name: &str) -> Result<Option<u32>, String> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        if let Ok(n) = name.parse::<u32>() {
+            return Ok(Some(n));
+        }
+        let text = self
+            .resolve(file, libc::O_RDONLY)
+            .and_then(|fd| std::fs::read_to_string(fd_path(&fd)))
+            .map_err(|e| format!("{file} in the container: {e}"))?;
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split(':');
+                Some((f.next()?, f.nth(1)?))
+            })
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, id)| id.parse().ok())
+            .map(Some)
+            .ok_or_else(|| format!("unknown {kind} {name} in the container"))
+    }
+
+    /// `chown` inside the root; symlinks are neither followed nor changed.
+    fn chown(
+        &self,
+        path: &str,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        recursive: bool,
+    ) -> Result<(), String> {
+        let fd = self
+            .resolve(path, libc::O_PATH)
+            .map_err(|e| format!("{path}: {e}"))?;
+        let p = fd_path(&fd);
+        std::os::unix::fs::chown(&p, uid, gid).map_err(|e| format!("{path}: {e}"))?;
+        if recursive && is_dir(&fd) {
+            for child in self.children_not_symlinks(path)? {
+                self.chown(&child, uid, gid, true)?;
+            }
+        }
+        Ok(())
+    }
+
     fn chmod(&self, path: &str, mode: u32, recursive: bool) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let fd = self
@@ -650,21 +708,30 @@ impl Root {
         let p = fd_path(&fd);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
             .map_err(|e| format!("{path}: {e}"))?;
-        if recursive && std::fs::metadata(&p).is_ok_and(|m| m.is_dir()) {
-            let entries = self.list(path)?;
-            for e in entries {
-                let child = format!("{}/{}", path.trim_end_matches('/'), e.name);
-                let md = self
-                    .resolve(&child, libc::O_PATH | libc::O_NOFOLLOW)
-                    .ok()
-                    .and_then(|f| std::fs::symlink_metadata(fd_path(&f)).ok());
-                // Symlinks are not followed.
-                if md.is_some_and(|m| !m.file_type().is_symlink()) {
-                    self.chmod(&child, mode, true)?;
-                }
+        if recursive && is_dir(&fd) {
+            for child in self.children_not_symlinks(path)? {
+                self.chmod(&child, mode, true)?;
             }
         }
         Ok(())
+    }
+
+    /// The paths of the entries of directory `path` that are not symlinks (a recursive change
+    /// does not follow them).
+    fn children_not_symlinks(&self, path: &str) -> Result<Vec<String>, String> {
+        Ok(self
+            .list(path)?
+            .into_iter()
+            .map(|e| format!("{}/{}", path.trim_end_matches('/'), e.name))
+            .filter(|child| {
+                // fstat of an O_PATH|O_NOFOLLOW descriptor describes the link itself; a stat of
+                // its /proc/self/fd path would describe the magic link instead.
+                self.resolve(child, libc::O_PATH | libc::O_NOFOLLOW)
+                    .ok()
+                    .and_then(|f| nix::sys::stat::fstat(&f).ok())
+                    .is_some_and(|st| st.st_mode & libc::S_IFMT != libc::S_IFLNK)
+            })
+            .collect())
     }
 }
 
