@@ -528,6 +528,13 @@ pub fn teardown(data_dir: &Path) -> Result<Teardown, AgentError> {
             });
         }
     }
+    // SIGKILL is delivered asynchronously: return once the killed groups' leaders are gone.
+    for pgid in &report.groups_killed {
+        let fd = crate::containers::runtime::pidfd_open(*pgid);
+        if !crate::containers::runtime::wait_exit(*pgid, fd.as_ref(), Duration::from_secs(5)) {
+            tracing::warn!(pgid, "a killed job's process did not end within 5 s");
+        }
+    }
     report.containers_stopped = crate::containers::manager::teardown(data_dir);
     report.redis_stopped = redis_server::stop(&run_dir);
     Ok(report)

@@ -371,12 +371,13 @@ fn spares(node: &Node) -> Vec<u64> {
     ids
 }
 
-/// Waits for the spare core0 makes after it starts or after a create (no event announces it).
+/// Waits for the spare core0 makes after it starts or after a create (no event announces it):
+/// its directory, and its corex alone in its cgroups (the init process that forked it gone).
 fn wait_spare(node: &Node, not: &[u64]) -> u64 {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(id) = spares(node).into_iter().find(|i| !not.contains(i))
-            && !procs_in(node, id).is_empty()
+            && procs_in(node, id).len() == 1
         {
             return id;
         }

@@ -776,7 +776,7 @@ fn kill_pid(pid: i32, sig: i32) {
     }
 }
 
-fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+pub(crate) fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open(2) with integer arguments; the fd is owned right away.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     // SAFETY: a non-negative return is a new fd that nothing else owns.
@@ -784,7 +784,7 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
 }
 
 /// Waits until the process exits (or is a zombie): on its pidfd, or by polling `/proc`.
-fn wait_exit(pid: i32, pidfd: Option<&OwnedFd>, timeout: Duration) -> bool {
+pub(crate) fn wait_exit(pid: i32, pidfd: Option<&OwnedFd>, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let gone = || proc_start_time(pid).is_none_or(|(_, zombie)| zombie);
     loop {
