@@ -218,6 +218,13 @@ impl Core0 {
         self.child.id() as i32
     }
 
+    /// SIGTERM (a normal stop) and the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        self.child.wait().expect("core0 exits")
+    }
+
     fn sigkill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -1010,4 +1017,19 @@ fn filesystem_chown_uses_the_containers_accounts() {
     );
     assert_eq!(r.stdout(), "750\n750\n644\n");
     ok(&mut c, "o-9", "corex.terminate", json!({"container": id}));
+}
+
+#[test]
+fn a_normal_stop_removes_the_spare() {
+    let redis = Redis::start();
+    let node = Node::new();
+    let mut core0 = Core0::start(&node, &redis, None);
+    let spare = wait_spare(&node, &[]);
+    let pid = procs_in(&node, spare)[0];
+    assert!(core0.stop().success());
+    assert!(!alive(pid), "spare corex left running");
+    assert!(!node.container_dir(spare).exists());
+    for d in cgroup_dirs(&node, spare) {
+        assert!(!d.exists(), "{} left", d.display());
+    }
 }
