@@ -1142,13 +1142,20 @@ impl ContainerManager {
             return Some(s);
         }
         tracing::warn!(spare = s.id(), "the spare container died: discarded");
-        let me = self.arc().ok()?;
+        self.discard(s).await;
+        None
+    }
+
+    /// Removes spare `s` (its process, cgroups and directory) on a blocking thread.
+    async fn discard(&self, s: Spare) {
+        let Ok(me) = self.arc() else {
+            return;
+        };
         let _ = blocking(move || {
             me.runtime.discard_spare(s);
             Ok(())
         })
         .await;
-        None
     }
 
     /// Makes a spare container in the background unless one is ready or being made, or spares
@@ -1187,14 +1194,7 @@ impl ContainerManager {
                 Err(e) => Err(e),
             };
             match made {
-                Ok(s) if me.closing.load(Ordering::SeqCst) => {
-                    let m = me.clone();
-                    let _ = blocking(move || {
-                        m.runtime.discard_spare(s);
-                        Ok(())
-                    })
-                    .await;
-                }
+                Ok(s) if me.closing.load(Ordering::SeqCst) => me.discard(s).await,
                 Ok(s) => {
                     tracing::debug!(spare = s.id(), "spare container ready");
                     *lock(&me.spare) = Some(s);
@@ -1209,17 +1209,10 @@ impl ContainerManager {
     /// Removes the spare container and makes no more (the agent stops).
     pub async fn discard_spare(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        let Some(s) = lock(&self.spare).take() else {
-            return;
-        };
-        let Ok(me) = self.arc() else {
-            return;
-        };
-        let _ = blocking(move || {
-            me.runtime.discard_spare(s);
-            Ok(())
-        })
-        .await;
+        let s = lock(&self.spare).take();
+        if let Some(s) = s {
+            self.discard(s).await;
+        }
     }
 
     /// Starts container `c` (new or halted), its network and link, records it as running, puts

@@ -139,14 +139,9 @@ impl Spare {
         self.id
     }
 
-    /// Its directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Whether its corex still waits (same pid and start time, not a zombie).
     pub fn is_alive(&self) -> bool {
-        proc_start_time(self.pid).is_some_and(|(t, zombie)| t == self.start_time && !zombie)
+        is_same_live_process(self.pid, self.start_time)
     }
 }
 
@@ -285,8 +280,35 @@ impl Running {
 
     /// Whether this corex still runs (same pid and start time, not a zombie).
     pub fn is_alive(&self) -> bool {
-        proc_start_time(self.pid).is_some_and(|(t, zombie)| t == self.start_time && !zombie)
+        is_same_live_process(self.pid, self.start_time)
     }
+}
+
+/// Whether `pid` is still the process that started at `start_time` and is not a zombie.
+fn is_same_live_process(pid: i32, start_time: u64) -> bool {
+    proc_start_time(pid).is_some_and(|(t, zombie)| t == start_time && !zombie)
+}
+
+/// Records corex's pid and start time in `<dir>/corex.pid` ([`find_running`] reads it).
+fn write_pid_file(dir: &Path, pid: i32, start_time: u64) -> Result<(), RuntimeError> {
+    let path = dir.join(PID_NAME);
+    std::fs::write(&path, format!("{pid} {start_time}\n")).map_err(io_err("cannot write", &path))
+}
+
+/// Reads the init process's status lines ([`read_status`]) and reaps it (it exits right after
+/// its fork; killed first when it failed before naming corex's pid).
+fn await_init(
+    child: &mut std::process::Child,
+    stdout: &mut std::process::ChildStdout,
+    pid: &mut Option<i32>,
+    want_ready: bool,
+) -> Result<i32, RuntimeError> {
+    let status = read_status(stdout, START_TIMEOUT, pid, want_ready);
+    if status.is_err() && pid.is_none() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    status
 }
 
 /// `(start time, is zombie)` of a process.
@@ -443,11 +465,10 @@ impl Runtime {
                         return Err(e);
                     }
                 };
-                let pid_path = spec.dir.join(PID_NAME);
-                if let Err(e) = std::fs::write(&pid_path, format!("{running_pid} {start_time}\n")) {
+                if let Err(e) = write_pid_file(&spec.dir, running_pid, start_time) {
                     kill_pid(running_pid, libc::SIGKILL);
                     let _ = cgroups.remove(Duration::from_secs(2));
-                    return Err(io_err("cannot write", &pid_path)(e));
+                    return Err(e);
                 }
                 Ok(Running {
                     pid: running_pid,
@@ -471,13 +492,7 @@ impl Runtime {
     fn spawn(&self, spec: &ContainerSpec, pid: &mut Option<i32>) -> Result<i32, RuntimeError> {
         let log_path = spec.dir.join(LOG_NAME);
         let (mut child, mut stdout) = self.spawn_init(&spec.dir, spec.host_network, false)?;
-        let status = read_status(&mut stdout, START_TIMEOUT, pid, true);
-        // The init process exits right after its fork; reap it.
-        if status.is_err() && pid.is_none() {
-            let _ = child.kill();
-        }
-        let _ = child.wait();
-        status.map_err(|e| e.with_log(&log_path))
+        await_init(&mut child, &mut stdout, pid, true).map_err(|e| e.with_log(&log_path))
     }
 
     /// Starts `core0 __corex-init <dir> [--spare]` in its new namespaces; returns the init
@@ -579,12 +594,7 @@ impl Runtime {
             ));
         };
         let mut pid = None;
-        let status = read_status(&mut stdout, START_TIMEOUT, &mut pid, false);
-        if status.is_err() && pid.is_none() {
-            let _ = child.kill();
-        }
-        let _ = child.wait();
-        let pid = match status {
+        let pid = match await_init(&mut child, &mut stdout, &mut pid, false) {
             Ok(p) => p,
             Err(e) => return Err(fail(pid, e)),
         };
@@ -612,8 +622,11 @@ impl Runtime {
     /// parent, and without host networking): writes the spec, gives the cgroups their limits
     /// and tells the waiting corex to go on; returns once it is ready. On error the spare is
     /// gone (its process and cgroups; the directory is the caller's). Blocks.
-    pub fn start_spare(&self, spare: Spare, spec: &ContainerSpec) -> Result<Running, RuntimeError> {
-        let mut spare = spare;
+    pub fn start_spare(
+        &self,
+        mut spare: Spare,
+        spec: &ContainerSpec,
+    ) -> Result<Running, RuntimeError> {
         let fits = spec.id == spare.id
             && spec.dir == spare.dir
             && spec.cgroup_parent == spare.cgroup_parent
@@ -665,9 +678,8 @@ impl Runtime {
             return Err(fail(&spare, e));
         }
         let _ = std::fs::remove_file(spare.dir.join(SPARE_NAME));
-        let pid_path = spec.dir.join(PID_NAME);
-        if let Err(e) = std::fs::write(&pid_path, format!("{} {}\n", spare.pid, spare.start_time)) {
-            return Err(fail(&spare, io_err("cannot write", &pid_path)(e)));
+        if let Err(e) = write_pid_file(&spec.dir, spare.pid, spare.start_time) {
+            return Err(fail(&spare, e));
         }
         Ok(Running {
             pid: spare.pid,
